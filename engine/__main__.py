@@ -1,0 +1,43 @@
+"""``python -m engine [overrides]``: compose -> validate -> freeze -> launch.
+
+Hydra composes the config (and handles ``-m`` sweeps, ``--cfg``, run dirs and launchers).
+Before Hydra starts, the command line is composed once and validated, so a typo, a wrong
+type or a bad value exits with status 2 and a short message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def main() -> None:
+    from engine.config import register_resolvers
+
+    register_resolvers()
+    argv = sys.argv[1:]
+    from engine.cli import precheck, share_run_dir
+
+    precheck(argv, CONF_DIR)
+    sys.argv = [sys.argv[0], *share_run_dir(argv)]
+    _hydra_main()
+
+
+def _hydra_main() -> None:
+    import hydra
+
+    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+    def task(cfg) -> None:
+        from engine.cli import run_task
+
+        run_task(cfg)
+
+    task()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,192 @@
+"""Validate a composed config against every preset's typed schema, before anything loads.
+
+Hydra composes YAML; this module turns the resolved dict into a frozen ``RunConfig`` of
+typed specs. All problems are collected and raised together as one ``ConfigError``: each
+names its full key, what is wrong, and the valid choices where the set is closed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.errors import ConfigError
+from engine.registry import Registry, Spec, did_you_mean
+
+SAMPLES = Path(__file__).resolve().parent / "samples"
+
+# Common names users type for our keys: suggested in "did you mean".
+SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "learning_rate": "lr", "batch_size": "micro_batch_size", "steps": "max_steps",
+    "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs",
+}
+
+
+def register_resolvers() -> None:
+    """``${sample:NAME}``: path of a sample data file shipped inside the engine package."""
+    if not OmegaConf.has_resolver("sample"):
+        OmegaConf.register_new_resolver("sample", lambda name: str(SAMPLES / name))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainSpec(Strict):
+    max_steps: int | None = Field(60, ge=1)
+    """Optimizer steps (null: run ``epochs`` whole passes)."""
+    epochs: float | None = Field(None, gt=0)
+    micro_batch_size: int = Field(4, ge=1)
+    """Examples per forward pass."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; effective batch = micro x accum x processes."""
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    log_every: int = Field(5, ge=1)
+
+
+class EvalSpec(Strict):
+    split: Literal["train", "validation", "test"] = "test"
+    max_examples: int | None = Field(40, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+    compare_base: bool = True
+    """Also evaluate the base model (adapter disabled) on the same prompts."""
+    metrics: list[Literal["exact_match", "token_f1", "rougeL"]] = ["exact_match", "token_f1", "rougeL"]
+
+
+class TopSpec(Strict):
+    recipe: str
+    stages: list[str]
+    plugins: list[str] = []
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The validated run: typed specs for every group plus the resolved dict."""
+
+    recipe: str
+    stages: list[str]
+    plugins: list[str]
+    seed: int
+    device: str
+    precision: str
+    model: Spec
+    quantization: Spec
+    adapter: Spec
+    loss: Spec
+    data: Spec
+    train: TrainSpec
+    eval: EvalSpec
+    raw: dict
+
+
+def registries() -> dict[str, Registry]:
+    """Config group -> registry (imported here so plugins see the same tables)."""
+    from engine.adapter import ADAPTERS
+    from engine.data.shapes import SHAPES
+    from engine.loss import LOSSES
+    from engine.model import MODELS
+    from engine.quantization import QUANTIZATIONS
+
+    return {"model": MODELS, "quantization": QUANTIZATIONS, "adapter": ADAPTERS, "loss": LOSSES, "data": SHAPES}
+
+
+FIXED = {"train": TrainSpec, "eval": EvalSpec}
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    problems: list[str] = []
+    groups = registries()
+    top_fields = set(TopSpec.model_fields)
+    known = top_fields | set(groups) | set(FIXED)
+    for key in raw:
+        if key not in known:
+            problems.append(f"{key}: unknown key{_suggest(key, sorted(known))}; valid top-level keys: {', '.join(sorted(known))}")
+
+    top = _check(TopSpec, {k: raw.get(k) for k in top_fields if k in raw}, "", problems)
+    for i, mod in enumerate(raw.get("plugins") or []):
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # a plugin that fails to import is a config problem
+            problems.append(f"plugins[{i}]: cannot import '{mod}': {type(e).__name__}: {e}")
+
+    from engine.stages import STAGES
+
+    for i, stage in enumerate((top.stages if top else None) or []):
+        if stage not in STAGES:
+            problems.append(f"stages[{i}]: {STAGES.unknown_message(stage)}")
+
+    specs: dict[str, Any] = {}
+    for group, registry in groups.items():
+        specs[group] = _check_group(group, registry, raw.get(group), problems)
+    for group, schema in FIXED.items():
+        specs[group] = _check(schema, raw.get(group) or {}, group, problems)
+
+    if top is not None:
+        _check_device(top, problems)
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(**top.model_dump(), **specs, raw=raw)
+
+
+def _check_group(group: str, registry: Registry, node: Any, problems: list[str]):
+    if not isinstance(node, dict):
+        problems.append(f"{group}: expected a preset mapping with a 'kind'; choose a preset, e.g. {group}=<name>")
+        return None
+    kind = node.get("kind")
+    if kind not in registry:
+        problems.append(f"{group}.kind: {registry.unknown_message(kind)}")
+        return None
+    return _check(registry.get(kind).spec, node, group, problems)
+
+
+def _check(schema: type[BaseModel], node: Any, prefix: str, problems: list[str]):
+    try:
+        return schema.model_validate(node)
+    except ValidationError as err:
+        for e in err.errors():
+            key = ".".join([prefix, *map(str, e["loc"])]).strip(".")
+            problems.append(_describe(schema, key, e))
+        return None
+
+
+def _describe(schema: type[BaseModel], key: str, e: dict) -> str:
+    if e["type"] == "extra_forbidden":
+        leaf = key.rsplit(".", 1)[-1]
+        valid = [f for f in schema.model_fields if f != "kind"]
+        return f"{key}: unknown key{_suggest(leaf, valid)}; valid keys here: {', '.join(valid)}"
+    msg = e["msg"].replace("Input should be", "should be").replace("Value error, ", "")
+    if e["type"] == "missing":
+        return f"{key}: required, but not set"
+    got = e.get("input")
+    return f"{key}: {msg}" if repr(got) in msg or str(got) in msg else f"{key}: {msg} (got {got!r})"
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    if word in SYNONYMS and SYNONYMS[word] in choices:
+        return f" (did you mean '{SYNONYMS[word]}'?)"
+    return did_you_mean(word, choices)
+
+
+def _check_device(top: TopSpec, problems: list[str]) -> None:
+    if top.device == "auto":
+        return
+    import torch
+
+    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not present[top.device]:
+        have = [d for d, ok in present.items() if ok]
+        problems.append(f"device: '{top.device}' is not present on this machine; available: {', '.join(have)} (or auto)")

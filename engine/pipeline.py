@@ -1,0 +1,68 @@
+"""Run a validated config: make the run dir's context, run the stages in order, summarise."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from engine.config import RunConfig
+from engine.context import RunContext
+
+
+def run(cfg: RunConfig, run_dir: Path) -> RunContext:
+    from engine.runtime import make_accelerator
+    from engine.stages import STAGES
+
+    accelerator = make_accelerator(cfg.device, cfg.precision)
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, accelerator=accelerator)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Written once, before any stage runs: the frozen record of what this run is.
+        OmegaConf.save(OmegaConf.create(cfg.raw), run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    _seed(cfg.seed)
+    for name in cfg.stages:
+        t0 = time.perf_counter()
+        if ctx.is_main:
+            print(f"[engine] stage {name}", flush=True)
+        metrics = STAGES.get(name).builder(ctx) or {}
+        metrics.setdefault("seconds", round(time.perf_counter() - t0, 2))
+        ctx.record(name, metrics)
+    if ctx.is_main:
+        print(summary(ctx), flush=True)
+    return ctx
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def summary(ctx: RunContext) -> str:
+    """One screen: where the run is and the numbers that matter."""
+    m = ctx.metrics
+    lines = ["", "=" * 72, f"engine: {ctx.cfg.recipe} finished", f"run dir: {ctx.run_dir}"]
+    if "train" in m:
+        t = m["train"]
+        lines.append(
+            f"train: {t.get('steps')} steps, loss {t.get('first_loss')} -> {t.get('final_loss')}, "
+            f"{t.get('tokens_per_s')} tokens/s ({t.get('precision')} on {t.get('device')})"
+        )
+    ev = m.get("evaluate", {})
+    split = ctx.cfg.eval.split
+    for key, value in ev.get(split, {}).items():
+        base = ev.get("base", {}).get(split, {}).get(key)
+        rest = f"   (base {base:.4f}, {value - base:+.4f})" if base is not None else ""
+        lines.append(f"eval {split} {key}: {value:.4f}{rest}")
+    if (ctx.run_dir / "report.md").exists():
+        lines.append(f"report: {ctx.run_dir / 'report.md'}")
+    lines.append("=" * 72)
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""Every recipe composes and validates; bad configs fail with exit 2 and a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, compose, run_engine
+
+from engine.config import RunConfig
+from engine.errors import ConfigError
+
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def test_recipes_exist():
+    assert "lora_smollm2" in RECIPES and "qlora_phi2" in RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_validates(recipe):
+    cfg = compose([f"recipe={recipe}", *TINY])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.recipe == recipe
+    assert cfg.model.kind == "tiny"
+    assert cfg.stages, "a recipe must list stages"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_has_a_header_with_its_command(recipe):
+    text = (ROOT / "recipes" / f"{recipe}.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    assert f"python -m engine recipe={recipe}" in text or (recipe == "lora_smollm2" and "python -m engine" in text)
+
+
+def test_default_recipe_is_lora_smollm2():
+    cfg = compose([])
+    assert cfg.recipe == "lora_smollm2"
+    assert cfg.model.kind == "gguf" and cfg.adapter.kind == "lora"
+    assert cfg.stages == ["prepare_data", "train", "evaluate", "report"]
+
+
+def test_command_line_overrides_beat_the_recipe():
+    cfg = compose(["recipe=qlora_phi2", "model=tiny", "adapter.r=4", "train.max_steps=3"])
+    assert cfg.quantization.kind == "nf4"  # from the recipe
+    assert cfg.model.kind == "tiny"  # from the command line
+    assert cfg.adapter.r == 4 and cfg.train.max_steps == 3
+
+
+def test_adapter_targets_follow_the_model():
+    cfg = compose(["recipe=qlora_phi2"])
+    assert cfg.adapter.target_modules == ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["adapter.r=abc"], ["adapter.r", "integer"]),
+        (["adapter.rank=4"], ["adapter.rank", "unknown key", "did you mean 'r'"]),
+        (["train.lr=-1"], ["train.lr", "greater than 0"]),
+        (["adapter.r=0"], ["adapter.r", "greater than or equal to 1"]),
+        (["train.schedule=cosin"], ["train.schedule", "'cosine'"]),
+        (["stages=[prepare_data,trian]"], ["stages[1]", "did you mean 'train'"]),
+        (["data.path=/no/such/file.jsonl"], ["data.path", "no such file"]),
+        (["+color=blue"], ["color", "unknown key"]),
+        (["data.split.train=0.9"], ["data.split", "sum to 1"]),
+        (["plugins=[no_such_module_xyz]"], ["plugins[0]", "cannot import"]),
+    ],
+)
+def test_invalid_values_are_reported_with_their_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        compose([*TINY, *overrides])
+    message = str(err.value)
+    for fragment in expected:
+        assert fragment in message, message
+
+
+def test_problems_are_collected_together():
+    with pytest.raises(ConfigError) as err:
+        compose([*TINY, "adapter.r=0", "train.lr=-1", "train.max_steps=abc"])
+    assert len(err.value.problems) == 3
+
+
+def test_device_not_present_is_a_config_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="device: 'cuda' is not present"):
+        compose([*TINY, "device=cuda"])
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["recipe=nope"], "recipe: no preset 'nope'"),
+        (["adapter.r=abc"], "adapter.r"),
+        (["adapter.rank=4"], "adapter.rank"),
+        (["train.lr=-1"], "train.lr"),
+        (["model=tinyy"], "did you mean 'tiny'"),
+    ],
+)
+def test_cli_exits_2_without_traceback(args, key):
+    proc = run_engine(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert key in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(proc.stderr.splitlines()) < 8
+
+
+def test_cli_prints_composed_config():
+    proc = run_engine("recipe=qlora_phi2", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "name_or_path: microsoft/phi-2" in proc.stdout
+    assert "kind: nf4" in proc.stdout
+
+
+def test_run_dir_pattern_is_recipe_then_timestamp():
+    text = (Path(ROOT) / "conf" / "config.yaml").read_text()
+    assert "dir: outputs/${hydra:runtime.choices.recipe}/${now:%Y-%m-%d_%H-%M-%S}" in text
