@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from omegaconf import OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from engine.errors import ConfigError
-from engine.registry import Registry, Spec, did_you_mean
+from engine.evaluate_spec import EvalSpec
+from engine.registry import Registry, Spec, Strict, did_you_mean
+from engine.trainer_spec import TrainSpec
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 
@@ -32,36 +34,6 @@ def register_resolvers() -> None:
     """``${sample:NAME}``: path of a sample data file shipped inside the engine package."""
     if not OmegaConf.has_resolver("sample"):
         OmegaConf.register_new_resolver("sample", lambda name: str(SAMPLES / name))
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TrainSpec(Strict):
-    max_steps: int | None = Field(60, ge=1)
-    """Optimizer steps (null: run ``epochs`` whole passes)."""
-    epochs: float | None = Field(None, gt=0)
-    micro_batch_size: int = Field(4, ge=1)
-    """Examples per forward pass."""
-    grad_accum: int = Field(1, ge=1)
-    """Micro-batches per optimizer step; effective batch = micro x accum x processes."""
-    lr: float = Field(3e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["linear", "cosine", "constant"] = "cosine"
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    log_every: int = Field(5, ge=1)
-
-
-class EvalSpec(Strict):
-    split: Literal["train", "validation", "test"] = "test"
-    max_examples: int | None = Field(40, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(8, ge=1)
-    compare_base: bool = True
-    """Also evaluate the base model (adapter disabled) on the same prompts."""
-    metrics: list[Literal["exact_match", "token_f1", "rougeL"]] = ["exact_match", "token_f1", "rougeL"]
 
 
 class TopSpec(Strict):

@@ -16,6 +16,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 
+class Strict(BaseModel):
+    """Base for fixed schemas (train, eval): unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class Spec(BaseModel):
     """Base for every preset schema: unknown keys are errors, values are frozen."""
 

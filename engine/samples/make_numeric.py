@@ -66,6 +66,9 @@ PLACES = [
 
 UP = ["rises by", "increases by", "grows by", "goes up by", "expands by"]
 DOWN = ["falls by", "drops by", "decreases by", "is cut by", "declines by"]
+UP_PLURAL = ["rise by", "increase by", "grow by", "go up by", "expand by"]
+DOWN_PLURAL = ["fall by", "drop by", "decrease by", "are cut by", "decline by"]
+PLURAL_DRIVERS = {"livestock numbers", "industrial smokestack emissions", "wildflower margins on farms"}
 
 QUESTION_TEMPLATES = [
     "{changes}. Rate the net effect on {outcome} from -1 (much worse) to 1 (much better).",
@@ -82,7 +85,10 @@ def fmt_pct(value: int, rng: random.Random) -> str:
 
 
 def describe(driver: str, change: int, rng: random.Random) -> str:
-    verb = rng.choice(UP if change > 0 else DOWN)
+    if driver in PLURAL_DRIVERS:
+        verb = rng.choice(UP_PLURAL if change > 0 else DOWN_PLURAL)
+    else:
+        verb = rng.choice(UP if change > 0 else DOWN)
     return f"{driver} {verb} {fmt_pct(abs(change), rng)}"
 
 
