@@ -21,7 +21,7 @@ def main() -> None:
     argv = sys.argv[1:]
     from engine.cli import precheck, share_run_dir
 
-    precheck(argv, CONF_DIR)
+    argv = precheck(argv, CONF_DIR)
     sys.argv = [sys.argv[0], *share_run_dir(argv)]
     _hydra_main()
 

@@ -18,15 +18,22 @@ def fail(err: UserError) -> None:
     sys.exit(err.exit_code)
 
 
-def precheck(argv: list[str], conf_dir: str) -> None:
-    """Compose the command line once (first value of each sweep) and validate it."""
+def precheck(argv: list[str], conf_dir: str) -> list[str]:
+    """Compose the command line once (first value of each sweep) and validate it.
+
+    Returns the command line for Hydra: an override of a key that the schema has but the
+    chosen preset's YAML leaves out (``adapter.bias=all``) becomes ``++adapter.bias=all``,
+    so Hydra's struct mode does not reject what the schema accepts.
+    """
     if any(a in INFO_FLAGS or a.startswith("--info") for a in argv):
-        return
+        return argv
     printing = any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv)
+    added: set[str] = set()
     try:
-        compose_and_validate(argv, conf_dir, check=not printing)
+        compose_and_validate(argv, conf_dir, check=not printing, added=added)
     except UserError as e:
         fail(e)
+    return [f"++{a}" if not a.startswith(("+", "~", "-")) and a.split("=", 1)[0] in added else a for a in argv]
 
 
 def _overrides(argv: list[str]) -> list[str]:
@@ -50,7 +57,7 @@ def _overrides(argv: list[str]) -> list[str]:
     return out
 
 
-def compose_and_validate(argv: list[str], conf_dir: str, check: bool = True):
+def compose_and_validate(argv: list[str], conf_dir: str, check: bool = True, added: set[str] | None = None):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -74,6 +81,8 @@ def compose_and_validate(argv: list[str], conf_dir: str, check: bool = True):
                 if not m:
                     raise ConfigError(str(e).splitlines()[0]) from None
                 key = m.group(1)
+                if added is not None:
+                    added.add(key)
                 overrides = [f"++{o}" if o.split("=", 1)[0] == key else o for o in overrides]
         choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
         with open_dict(cfg):
@@ -95,23 +104,30 @@ def _missing_option(e: Exception) -> str:
 
 
 def share_run_dir(argv: list[str]) -> list[str]:
-    """Under ``accelerate launch``, give every rank rank 0's run dir (no per-rank ``${now:}``)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a.startswith("hydra.run.dir=") for a in argv):
+    """Under ``accelerate launch``, give every rank rank 0's run dir (no per-rank ``${now:}``).
+
+    Only rank 0 writes there: other ranks skip Hydra's .hydra/ record and its log file.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return argv
+    import torch
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    state = PartialState()
-    stamp = [None]
-    if state.is_main_process:
-        import time
+    # The first PartialState fixes the backend: gloo on CPU (no CUDA, or device=cpu), else nccl.
+    state = PartialState(cpu="device=cpu" in argv or not torch.cuda.is_available())
+    extra = []
+    if not any(a.startswith("hydra.run.dir=") for a in argv):
+        stamp = [None]
+        if state.is_main_process:
+            import time
 
-        stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
-    broadcast_object_list(stamp, from_process=0)
-    recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), "lora_smollm2")
-    extra = [f"hydra.run.dir=outputs/{recipe}/{stamp[0]}"]
+            stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
+        broadcast_object_list(stamp, from_process=0)
+        recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), "lora_smollm2")
+        extra.append(f"hydra.run.dir=outputs/{recipe}/{stamp[0]}")
     if not state.is_main_process:
-        extra.append("hydra.output_subdir=null")
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     return [*argv, *extra]
 
 

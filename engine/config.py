@@ -109,6 +109,9 @@ def validate(raw: dict[str, Any]) -> RunConfig:
 
     if top is not None:
         _check_device(top, problems)
+    from engine.compat import cross_checks
+
+    cross_checks(specs, top, problems)
     if problems:
         raise ConfigError(problems)
     return RunConfig(**top.model_dump(), **specs, raw=raw)

@@ -31,6 +31,8 @@ class RunContext:
     """The prepared ``DataBundle`` (set by prepare_data)."""
     _model: Any = None
     _tokenizer: Any = None
+    adapter_dir: Path | None = None
+    """A trained PEFT adapter to load onto the base instead of a fresh one (eval of a finished run)."""
 
     @property
     def is_main(self) -> bool:
@@ -66,6 +68,11 @@ class RunContext:
             elif cfg.model.gradient_checkpointing:
                 model.gradient_checkpointing_enable()
                 model.enable_input_require_grads()
-            self._model = ADAPTERS.build(cfg.adapter, model=model)
+            if self.adapter_dir is not None:
+                from peft import PeftModel
+
+                self._model = PeftModel.from_pretrained(model, self.adapter_dir)
+            else:
+                self._model = ADAPTERS.build(cfg.adapter, model=model)
             self._tokenizer = tok
         return self._model

@@ -1,19 +1,109 @@
-"""Schema of the ``eval`` group (no heavy imports: validation runs before anything loads)."""
+"""Schema of the ``eval`` group (no heavy imports: validation runs before anything loads).
+
+Metric names, and where they land in metrics.json (``<split>`` is ``eval.split``):
+  evaluate.<split>.<metric>          fine-tuned model
+  evaluate.base.<split>.<metric>     base model (adapter disabled), same prompts
+  evaluate.suites.<suite>|overall    behaviour-suite pass rates (and under evaluate.base.)
+  evaluate.lm_eval.<task>.<metric>   lm-eval results (and under evaluate.base.)
+"""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from engine.metrics import ALL
 from engine.registry import Strict
+
+Metric = Literal[ALL]  # type: ignore[valid-type]
+
+DEFAULT_REFUSALS = [
+    r"\bI (?:can(?:no|')t|won't|will not|am unable to|'m unable to|am not able to|'m not able to)\b",
+    r"\b(?:sorry|apologi[sz]e)\b",
+    r"\bI (?:do not|don't) (?:know|have (?:any )?(?:information|data|access))\b",
+    r"\b(?:not aware of|no (?:reliable )?(?:information|record|evidence) (?:about|of|on)|does not exist|doesn't exist)\b",
+    r"\b(?:illegal|unethical|harmful)\b",
+]
+
+
+class NumericSpec(Strict):
+    tolerance: float = Field(0.2, ge=0)
+    """within_tol counts |prediction - reference| <= tolerance as correct."""
+    pattern: str | None = None
+    """Regex whose first group holds the value (e.g. 'Score:\\s*(\\S+)'); null = the last number."""
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
+
+
+class LmEvalSpec(Strict):
+    tasks: list[str] = []
+    """lm-eval task names; [] = off. Shipped offline: envsci_mc."""
+    limit: int | None = Field(20, ge=1)
+    """Documents per task (null = all): lm-eval is slow on CPU."""
+    num_fewshot: int | None = Field(None, ge=0)
+    include_path: str | None = None
+    """A directory of your own lm-eval task YAMLs."""
 
 
 class EvalSpec(Strict):
+    run_dir: str | None = None
+    """Evaluate this finished run (its config.yaml + adapter/) instead of the model built here."""
     split: Literal["train", "validation", "test"] = "test"
     max_examples: int | None = Field(40, ge=1)
+    """Examples of the split to generate for (null = all)."""
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
     compare_base: bool = True
     """Also evaluate the base model (adapter disabled) on the same prompts."""
-    metrics: list[Literal["exact_match", "token_f1", "rougeL"]] = ["exact_match", "token_f1", "rougeL"]
+    metrics: list[Metric] = ["exact_match", "token_f1", "bleu", "rougeL", "cosine", "perplexity"]
+    """Text: exact_match token_f1 bleu rougeL cosine perplexity; numeric: mae rmse r2 within_tol parse_rate."""
+    stop: list[str] = []
+    """Extra stop strings; the template's end-of-turn marker always stops generation."""
+    embedding: Literal["auto", "minilm", "tfidf"] = "auto"
+    """Back end of 'cosine': auto = all-MiniLM-L6-v2 when installed, else TF-IDF."""
+    numeric: NumericSpec = NumericSpec()
+    suites: list[str] = []
+    """Behaviour suites: shipped names (format, facts, safety) or paths to suite YAMLs."""
+    refusal_patterns: list[str] = DEFAULT_REFUSALS
+    """Case-insensitive regexes; an answer matching any of them counts as a refusal."""
+    lm_eval: LmEvalSpec = LmEvalSpec()
+    report_examples: int = Field(5, ge=0)
+    """Side-by-side generations shown in report.md / report.html."""
+
+    @field_validator("refusal_patterns")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]) -> list[str]:
+        for i, p in enumerate(v):
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"[{i}] {p!r} is not a valid regular expression: {e}") from None
+        return v
+
+    @field_validator("suites")
+    @classmethod
+    def _suites_exist(cls, v: list[str]) -> list[str]:
+        from engine.evaluation.suites import resolve, shipped_names
+
+        missing = [s for s in v if resolve(s) is None]
+        if missing:
+            raise ValueError(f"no suite {missing}; shipped: {', '.join(shipped_names())} (or a path to a suite YAML)")
+        return v
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_has_config(cls, v: str | None) -> str | None:
+        if v is not None and not (Path(v).expanduser() / "config.yaml").is_file():
+            raise ValueError(f"{v!r} is not a run dir (no config.yaml in it); point it at outputs/<recipe>/<time>")
+        return v

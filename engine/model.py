@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from pydantic import field_validator
+
 from engine.errors import UserError
 from engine.registry import Registry, Spec
 
@@ -39,8 +41,20 @@ class ModelSpec(Spec):
     lora_targets: list[str] | Literal["all-linear"] = "all-linear"
     """Default LoRA target modules for this architecture (used by adapter presets)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel: sdpa (PyTorch, everywhere), eager, or flash_attention_2 (CUDA + flash-attn)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% slower."""
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _flash_needs_package(cls, value: str) -> str:
+        # Checked at validation, not at load: transformers would fail minutes later, after the download.
+        if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError(
+                "flash_attention_2 needs the flash-attn package (CUDA only), which is not installed; "
+                "use sdpa (PyTorch's fused attention, no extra package) or `pip install flash-attn`"
+            )
+        return value
 
 
 class GgufSpec(ModelSpec):

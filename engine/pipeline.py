@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from engine.config import RunConfig
 from engine.context import RunContext
 
@@ -17,11 +15,11 @@ def run(cfg: RunConfig, run_dir: Path) -> RunContext:
 
     accelerator = make_accelerator(cfg.device, cfg.precision)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, accelerator=accelerator)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # Written once, before any stage runs: the frozen record of what this run is.
-        OmegaConf.save(OmegaConf.create(cfg.raw), run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
+    # Before any stage runs: decide resume (a changed config is refused before config.yaml,
+    # the frozen record of what this run is, is rewritten), then rank 0 writes config.yaml.
+    from engine.checkpoint import prepare_run_dir
+
+    prepare_run_dir(cfg, run_dir, accelerator)
     _seed(cfg.seed)
     for name in cfg.stages:
         t0 = time.perf_counter()
@@ -59,8 +57,10 @@ def summary(ctx: RunContext) -> str:
     ev = m.get("evaluate", {})
     split = ctx.cfg.eval.split
     for key, value in ev.get(split, {}).items():
+        if not isinstance(value, int | float):  # e.g. r2 is None when references do not vary
+            continue
         base = ev.get("base", {}).get(split, {}).get(key)
-        rest = f"   (base {base:.4f}, {value - base:+.4f})" if base is not None else ""
+        rest = f"   (base {base:.4f}, {value - base:+.4f})" if isinstance(base, int | float) else ""
         lines.append(f"eval {split} {key}: {value:.4f}{rest}")
     if (ctx.run_dir / "report.md").exists():
         lines.append(f"report: {ctx.run_dir / 'report.md'}")

@@ -1,8 +1,11 @@
 """The ``data`` group and the ``prepare_data`` stage's work: file -> clean, split, tokenized.
 
-Pipeline (top-down): read rows -> shape each row into messages (``kind``) -> clean and
-dedupe (bad rows go to rejected.jsonl with the reason) -> seeded split -> render with the
-template and tokenize, labelling only assistant tokens unless ``train_on_prompt``.
+Pipeline (top-down): read rows (``sources``; a documents folder is scored and chunked by
+``documents``) -> shape each row into messages (``kind``, ``shapes``; text normalised) ->
+drop empty and duplicate rows -> seeded split, or the separate validation/test files,
+deduplicated across splits -> render with the template and tokenize, labelling only
+assistant tokens unless ``train_on_prompt``. Every row that is not used is written to
+rejected.jsonl with its reason and counted per reason in the metrics.
 """
 
 from __future__ import annotations
@@ -13,15 +16,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.data.shapes import SHAPES, RowError
-from engine.data.sources import BadRow, read_rows
-from engine.data.spec import DataSpec
+from engine.data.shapes import SHAPES, TEXT_ROLE, RowError
+from engine.data.sources import BadRow, DataError, read_rows
+from engine.data.spec import DataSpec, DocumentsSpec
 from engine.data.templates import render, render_with_spans, template_source
-from engine.errors import UserError
 
-__all__ = ["SHAPES", "DataSpec", "DataBundle", "Example", "prepare"]
+__all__ = ["SHAPES", "DataBundle", "DataError", "DataSpec", "Example", "prepare"]
 
 IGNORE = -100
+SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -44,70 +47,166 @@ class DataBundle:
     splits: dict[str, list[Example]]
     template: str
     metrics: dict = field(default_factory=dict)
+    batching: dict = field(default_factory=dict)
+    """Keyword arguments for ``collate.Batches`` (packing, group_by_length, max_length)."""
+    documents: list = field(default_factory=list)
+    """For kind documents: the scored ``Document`` records (what was used, what skipped)."""
 
     def prompt_text(self, ex: Example, tokenizer) -> str:
         """The example's prompt rendered up to the assistant's turn (for generation)."""
         return render(self.template, ex.prompt_messages, add_generation_prompt=True, tokenizer=tokenizer)
 
 
-def prepare(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | None = None) -> DataBundle:
-    rows = read_rows(Path(spec.path).expanduser())
-    if spec.limit:
-        rows = rows[: spec.limit]
-    shape = SHAPES.get(spec.kind).builder
-    conversations, rejected, seen = [], [], set()
-    for i, row in enumerate(rows):
-        try:
-            if isinstance(row, BadRow):
-                raise RowError(str(row))
-            if not isinstance(row, dict):
-                raise RowError(f"row is {type(row).__name__}, expected an object")
-            msgs = shape(spec, row)
-            key = json.dumps(msgs, sort_keys=True)
-            if key in seen:
-                raise RowError("duplicate example")
-            seen.add(key)
-            conversations.append(msgs)
-        except RowError as e:
-            rejected.append({"row": i, "reason": str(e), "data": row})
-    reasons = Counter(r["reason"].split("'")[0].strip() for r in rejected)
-    if run_dir is not None and rejected:
-        with open(run_dir / "rejected.jsonl", "w") as f:
-            for r in rejected:
-                f.write(json.dumps(r, default=str) + "\n")
-    if not conversations:
-        first = "; ".join(f"row {r['row']}: {r['reason']}" for r in rejected[:3])
-        raise UserError(f"data.path: {spec.path} has no usable row ({len(rows)} read). First problems: {first}")
+@dataclass
+class _Rejects:
+    """Rows not used, with reasons; written to rejected.jsonl, counted in metrics."""
 
-    source = template_source(spec.template, tokenizer)
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, source: str, row: int, reason: str, detail: str, data) -> None:
+        self.rows.append({"file": source, "row": row, "reason": reason, "detail": detail, "data": data})
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(r["reason"] for r in self.rows))
+
+
+def prepare(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | None = None) -> DataBundle:
+    """Read, clean, split and tokenize ``spec``'s data (``run_dir``: where reports go; rank 0)."""
+    rejects = _Rejects()
+    documents = []
+    # 1. Read and shape every source; bad rows are rejected with their reason.
+    if isinstance(spec, DocumentsSpec):
+        from engine.data.documents import document_rows
+
+        rows, documents = document_rows(spec, tokenizer, run_dir)
+        sources = {"train": (spec.path, rows)}
+    else:
+        sources = {"train": (spec.path, read_rows(spec.path))}
+        if spec.validation_path:
+            sources["validation"] = (spec.validation_path, read_rows(spec.validation_path, "data.validation_path"))
+        if spec.test_path:
+            sources["test"] = (spec.test_path, read_rows(spec.test_path, "data.test_path"))
+    rows_read = sum(len(rows) for _, rows in sources.values())
+    shaped = {name: _shape(spec, path, rows, rejects) for name, (path, rows) in sources.items()}
+
+    # 2. Splits: the seeded ratio split for what no separate file provides; then every
+    #    example lives in one split only (the separate files win over train).
     split_seed = spec.seed if spec.seed is not None else seed
-    splits = split(conversations, spec.split.model_dump(), split_seed)
-    truncated = 0
+    splits = split(shaped["train"], _ratios(spec, shaped), split_seed)
+    for name in ("validation", "test"):
+        if name in shaped:
+            splits[name] = shaped[name]
+    _dedupe_across(splits, rejects)
+
+    # 3. Render and tokenize; label assistant tokens only (or all, for text / train_on_prompt).
+    source = template_source(spec.template, tokenizer) if spec.kind not in ("text", "documents") else ""
     out: dict[str, list[Example]] = {}
-    for name, convs in splits.items():
+    truncated = 0
+    for name in SPLITS:
         out[name] = []
-        for msgs in convs:
+        for path, i, msgs in splits.get(name, []):
             ex, cut = tokenize(source, msgs, tokenizer, spec.max_length, spec.train_on_prompt)
             truncated += cut
             if any(label != IGNORE for label in ex.labels):
                 out[name].append(ex)
+            else:
+                rejects.add(path, i, "no answer within max_length", f"prompt fills all {spec.max_length} tokens", msgs)
+
+    if run_dir is not None and rejects.rows:
+        with open(run_dir / "rejected.jsonl", "w") as f:
+            for r in rejects.rows:
+                f.write(json.dumps(r, default=str, ensure_ascii=False) + "\n")
+    if not out["train"]:
+        raise _no_usable(spec.path, rows_read, rejects)
+
+    train_tokens = sum(len(e.input_ids) for e in out["train"])
     metrics = {
-        "rows_read": len(rows),
-        "rows_used": len(conversations),
-        "rows_rejected": len(rejected),
-        "rejected_by_reason": dict(reasons),
+        "kind": spec.kind,
+        "template": spec.template if source else None,
+        "rows_read": rows_read,
+        "rows_used": sum(len(v) for v in out.values()),
+        "rows_rejected": len(rejects.rows),
+        "rejected_by_reason": rejects.counts(),
         "truncated": truncated,
         **{f"{k}_examples": len(v) for k, v in out.items()},
-        "train_tokens": sum(len(e.input_ids) for e in out.get("train", [])),
+        "train_tokens": train_tokens,
+        "train_label_tokens": sum(sum(t != IGNORE for t in e.labels) for e in out["train"]),
+        "mean_train_length": round(train_tokens / len(out["train"]), 1),
     }
-    return DataBundle(out, source, metrics)
+    if documents:
+        metrics["documents"] = len(documents)
+        metrics["documents_used"] = sum(d.usable for d in documents)
+        metrics["documents_skipped"] = {d.file: d.reason for d in documents if not d.usable}
+    batching = {"packing": spec.packing, "group_by_length": spec.group_by_length, "max_length": spec.max_length}
+    return DataBundle(out, source or (tokenizer.chat_template or ""), metrics, batching, documents)
+
+
+def _shape(spec: DataSpec, path: str, rows: list, rejects: _Rejects) -> list[tuple[str, int, list[dict]]]:
+    """(file, row number, messages) for every usable row; duplicates within the file rejected."""
+    shape = SHAPES.get(spec.kind).builder
+    seen: set[str] = set()
+    out = []
+    for i, row in enumerate(rows[: spec.limit] if spec.limit else rows):
+        try:
+            if isinstance(row, BadRow):
+                raise RowError(row.reason, row.detail)
+            if not isinstance(row, dict):
+                raise RowError("wrong type", f"row is {type(row).__name__}, expected an object")
+            msgs = shape(spec, row)
+            key = _key(msgs)
+            if key in seen:
+                raise RowError("duplicate", "same example as an earlier row (after whitespace normalisation)")
+            seen.add(key)
+            out.append((path, i, msgs))
+        except RowError as e:
+            rejects.add(path, i, e.reason, e.detail, row.data if isinstance(row, BadRow) else row)
+    return out
+
+
+def _key(msgs: list[dict]) -> str:
+    return json.dumps(msgs, sort_keys=True, ensure_ascii=False)
+
+
+def _ratios(spec: DataSpec, shaped: dict) -> dict[str, float]:
+    """Split ratios for ``path``: a split given as its own file takes no share of it."""
+    r = spec.split.model_dump()
+    for name in ("validation", "test"):
+        if name in shaped:
+            r[name] = 0.0
+    total = sum(r.values()) or 1.0
+    return {k: v / total for k, v in r.items()}
+
+
+def _dedupe_across(splits: dict[str, list], rejects: _Rejects) -> None:
+    """An example in test is removed from validation and train; one in validation from train."""
+    seen: set[str] = set()
+    for name in ("test", "validation", "train"):
+        kept = []
+        for path, i, msgs in splits.get(name, []):
+            key = _key(msgs)
+            if key in seen:
+                rejects.add(path, i, "duplicate across splits", f"also in a held-out split; dropped from {name}", msgs)
+                continue
+            seen.add(key)
+            kept.append((path, i, msgs))
+        splits[name] = kept
+
+
+def _no_usable(path: str, n: int, rejects: _Rejects) -> DataError:
+    first = "\n".join(f"  - {r['file']} row {r['row']}: {r['detail']}" for r in rejects.rows[:5])
+    counts = ", ".join(f"{k}: {v}" for k, v in rejects.counts().items()) or "no rows"
+    return DataError(
+        f"data.path: {path} has no usable training row ({n} read; rejected: {counts}). First problems:\n{first}\n"
+        "Check the file's columns against data.kind (or map them with data.fields.<name>=<column>)."
+    )
 
 
 def split(items: list, ratios: dict[str, float], seed: int) -> dict[str, list]:
     """Seeded split by content hash: the same on every machine, exact proportions."""
 
     def key(item) -> str:
-        return hashlib.sha256(f"{seed}:{json.dumps(item, sort_keys=True)}".encode()).hexdigest()
+        msgs = item[2] if isinstance(item, tuple) else item
+        return hashlib.sha256(f"{seed}:{_key(msgs)}".encode()).hexdigest()
 
     ordered = sorted(items, key=key)
     n = len(ordered)
@@ -121,16 +220,25 @@ def split(items: list, ratios: dict[str, float], seed: int) -> dict[str, list]:
 
 
 def tokenize(source: str, messages: list[dict], tokenizer, max_length: int, train_on_prompt: bool):
-    """Render + tokenize one conversation; label tokens inside assistant spans only."""
-    text, spans = render_with_spans(source, messages, tokenizer)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    if train_on_prompt:
+    """Render + tokenize one conversation; label tokens inside assistant spans only.
+
+    A plain-text example (kind text/documents) has no template: BOS (if the tokenizer has
+    one) + text + EOS, every token labelled. Returns the example and 1 if it was truncated.
+    """
+    if messages and messages[0]["role"] == TEXT_ROLE:
+        ids = tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
+        ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+        ids = ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         labels = list(ids)
     else:
-        labels = [
-            tid if any(s <= start < e for s, e in spans) else IGNORE
-            for tid, (start, _end) in zip(ids, offsets, strict=True)
-        ]
+        text, spans = render_with_spans(source, messages, tokenizer)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if train_on_prompt:
+            labels = list(ids)
+        else:
+            labels = [
+                tid if any(s <= start < e for s, e in spans) else IGNORE for tid, (start, _end) in zip(ids, offsets, strict=True)
+            ]
     cut = len(ids) > max_length
     return Example(ids[:max_length], labels[:max_length], messages), int(cut)

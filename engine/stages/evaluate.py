@@ -1,24 +1,40 @@
-"""evaluate: generate on a held-out split and score against the references.
+"""evaluate: the fine-tuned model and its base, on the same prompts, with the same metrics.
 
-With an adapter and ``eval.compare_base``, the same prompts are also answered with the
-adapter disabled, so base and fine-tuned are compared on identical inputs.
+Runs at the end of training, or on its own against a finished run (``eval.run_dir``,
+recipe eval_run): then that run's config.yaml decides model, data and template, and its
+adapter/ is loaded onto the base, so the held-out split is the one it never trained on.
+
+For each model variant (base = adapter disabled, then fine-tuned):
+  1. generate for the split's prompts -> text / numeric metrics, cosine, perplexity
+  2. behaviour suites (eval.suites)  -> pass rate per suite and overall
+  3. lm-eval tasks (eval.lm_eval.tasks)
+Fine-tuned numbers land at evaluate.<split>.<metric>, base ones at evaluate.base.<split>...
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
 import json
+from pathlib import Path
 
-import torch
-
+from engine.errors import ConfigError, UserError
 from engine.stages import STAGES
 
 
 @STAGES.register("evaluate")
 def evaluate(ctx) -> dict:
-    """Base vs fine-tuned generation metrics on the held-out split."""
-    from engine.metrics import score
-
+    """Base vs fine-tuned: generation metrics, behaviour suites, lm-eval."""
     cfg = ctx.cfg.eval
+    out: dict = {}
+    if cfg.run_dir and ctx.adapter_dir is None:
+        out["evaluated_run"] = adopt_run(ctx, Path(cfg.run_dir).expanduser().resolve())
+    elif not cfg.run_dir and "train" not in ctx.cfg.stages and ctx.cfg.adapter.kind != "none":
+        raise ConfigError(
+            "eval.run_dir: not set, and this run does not train, so there is no trained adapter to evaluate; "
+            "set eval.run_dir=outputs/<recipe>/<time> (a finished run), or use adapter=none to evaluate the base alone"
+        )
     if ctx.data is None:
         from engine.stages.prepare_data import prepare_data
 
@@ -26,58 +42,174 @@ def evaluate(ctx) -> dict:
     examples = ctx.data.splits[cfg.split][: cfg.max_examples]
     if not examples:
         return {"skipped": f"no examples in split '{cfg.split}'"}
+
+    from engine.evaluation import suites as suite_lib
+    from engine.evaluation.generation import stop_config
+
     model, tok = ctx.accelerator.unwrap_model(ctx.model()), ctx.tokenizer()
+    eos_ids, stops = stop_config(ctx.data.template, tok, cfg.stop)
     prompts = [ctx.data.prompt_text(e, tok) for e in examples]
     refs = [e.reference for e in examples]
+    suites = [suite_lib.load(name) for name in cfg.suites]
+    common = {"eos_ids": eos_ids, "stops": stops}
 
-    results: dict = {}
-    runs = {"finetuned": None}
-    if cfg.compare_base and hasattr(model, "disable_adapter"):
-        runs = {"base": model.disable_adapter, **runs}
-    samples = {}
-    for name, ctx_manager in runs.items():
-        with ctx_manager() if ctx_manager else _null():
-            preds = generate(model, tok, prompts, cfg, ctx.accelerator)
-        results[name] = {cfg.split: score(cfg.metrics, preds, refs)}
-        samples[name] = preds
+    results, generations, suite_rows = {}, {}, []
+    for variant, enter in variants(ctx, model):
+        with enter() as m:
+            res, preds, rows = evaluate_one(ctx, m, tok, variant, examples, prompts, refs, suites, **common)
+        results[variant], generations[variant] = res, preds
+        suite_rows += [{"model": variant, **r} for r in rows]
+        if ctx.is_main:
+            print(f"[engine] evaluate {variant}: " + _brief(res.get(cfg.split, {})), flush=True)
+
     if ctx.is_main:
-        with open(ctx.run_dir / "generations.jsonl", "w") as f:
-            for i, (p, r) in enumerate(zip(prompts, refs, strict=True)):
-                row = {"prompt": p, "reference": r, **{k: v[i] for k, v in samples.items()}}
-                f.write(json.dumps(row) + "\n")
-    # Fine-tuned metrics at the top level (evaluate.test.rougeL), base under evaluate.base.
-    out = dict(results.pop("finetuned"))
-    out.update(results)
+        write_generations(ctx.run_dir / "generations.jsonl", prompts, refs, generations, cfg.split, results)
+        if suite_rows:
+            with open(ctx.run_dir / "suites.jsonl", "w") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in suite_rows)
+    out.update(results.pop("finetuned"))
+    out.update(results)  # -> out["base"]
     out["examples"] = len(examples)
+    out["stops"] = sorted({*stops, *(tok.convert_ids_to_tokens(eos_ids) or [])})
     return out
 
 
-@torch.no_grad()
-def generate(model, tok, prompts: list[str], cfg, accelerator) -> list[str]:
-    from tqdm.auto import tqdm
+def evaluate_one(ctx, model, tok, variant, examples, prompts, refs, suites, *, eos_ids, stops) -> tuple[dict, list, list]:
+    """All configured evaluations of one model variant; returns metrics, generations, suite rows."""
+    from engine.evaluation.generation import generate, reference_perplexity
+    from engine.metrics import score
 
-    model.eval()
-    tok.padding_side = "left"
-    outs = []
-    for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="generate", disable=not accelerator.is_main_process):
-        enc = tok(prompts[i : i + cfg.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(accelerator.device) for k, v in enc.items()}
-        with accelerator.autocast():
-            gen = model.generate(
-                **enc,
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
+    cfg, acc = ctx.cfg.eval, ctx.accelerator
+    gen = {
+        "batch_size": cfg.batch_size,
+        "eos_ids": eos_ids,
+        "stops": stops,
+        "device": acc.device,
+        "autocast": acc.autocast,
+        "progress": ctx.is_main,
+    }
+    result_backend: dict = {}
+    preds = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, desc=f"generate ({variant})", **gen)
+    metrics = score(cfg.metrics, preds, refs, tolerance=cfg.numeric.tolerance, pattern=cfg.numeric.pattern)
+    if "cosine" in cfg.metrics:
+        from engine.evaluation.embeddings import cosine_scores
+
+        sims, backend = cosine_scores(preds, refs, cfg.embedding)
+        metrics["cosine"] = round(sum(sims) / len(sims), 4)
+        result_backend["cosine_backend"] = backend
+    if "perplexity" in cfg.metrics:
+        ppl = reference_perplexity(
+            model, examples, pad_id=tok.pad_token_id, batch_size=cfg.batch_size, device=acc.device, autocast=acc.autocast
+        )
+        metrics["perplexity"] = round(ppl, 4) if ppl is not None else None
+    result: dict = {cfg.split: metrics, **result_backend}
+
+    rows: list[dict] = []
+    if suites:
+        from engine.data.templates import render
+        from engine.evaluation import suites as suite_lib
+
+        answers = {}
+        for suite in suites:
+            texts = [
+                render(ctx.data.template, suite.prompt_messages(c), add_generation_prompt=True, tokenizer=tok)
+                for c in suite.cases
+            ]
+            answers[suite.name] = generate(
+                model, tok, texts, max_new_tokens=suite.max_new_tokens, desc=f"suite {suite.name} ({variant})", **gen
             )
-        outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    tok.padding_side = "right"
-    return [o.strip() for o in outs]
+        result["suites"], rows = suite_lib.score(suites, answers, cfg.refusal_patterns)
+    if cfg.lm_eval.tasks:
+        from engine.evaluation import harness
+
+        result["lm_eval"] = harness.run(
+            model, tok, cfg.lm_eval, work_dir=ctx.run_dir / "lm_eval_tasks", batch_size=cfg.batch_size
+        )
+    return result, preds, rows
 
 
-class _null:
-    def __enter__(self):
-        return self
+def variants(ctx, model):
+    """(name, context manager yielding the model): base first when asked for, then fine-tuned.
 
-    def __exit__(self, *a):
-        return False
+    With an adapter the base is the same module with the adapter switched off (no second
+    copy in memory); after a full fine-tune the weights changed in place, so the base is
+    built again from its spec and freed afterwards.
+    """
+    out = []
+    if ctx.cfg.eval.compare_base:
+        if hasattr(model, "disable_adapter"):
+
+            @contextlib.contextmanager
+            def base():
+                with model.disable_adapter():
+                    yield model
+        else:
+
+            @contextlib.contextmanager
+            def base():
+                fresh = _build_base(ctx)
+                try:
+                    yield fresh
+                finally:
+                    del fresh
+                    gc.collect()
+
+        out.append(("base", base))
+    out.append(("finetuned", lambda: contextlib.nullcontext(model)))
+    return out
+
+
+def _build_base(ctx):
+    from engine.model import MODELS
+    from engine.quantization import QUANTIZATIONS
+
+    spec = getattr(ctx, "base_model_spec", None) or ctx.cfg.model
+    model, _ = MODELS.build(spec, quantization_config=QUANTIZATIONS.build(ctx.cfg.quantization), progress=False)
+    return model.to(ctx.accelerator.device)
+
+
+def adopt_run(ctx, run: Path) -> str:
+    """Make ``ctx`` evaluate the finished run at ``run``: its config, its trained weights.
+
+    The eval settings stay this run's (so ``eval.*`` overrides apply); model, data,
+    template and seed come from the finished run's config.yaml, so the split is identical.
+    """
+    from omegaconf import OmegaConf
+
+    from engine.config import validate
+
+    raw = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
+    try:
+        run_cfg = validate(raw)
+    except UserError as e:
+        raise UserError(f"eval.run_dir: {run}/config.yaml no longer validates: {e}") from None
+    if (run / "adapter" / "adapter_config.json").is_file():
+        ctx.adapter_dir = run / "adapter"
+    elif (run / "model" / "config.json").is_file():
+        from engine.model import HfSpec
+
+        ctx.base_model_spec = run_cfg.model
+        fields = {k: getattr(run_cfg.model, k) for k in ("dtype", "chat_template", "lora_targets", "attn_implementation")}
+        run_cfg = dataclasses.replace(run_cfg, model=HfSpec(kind="hf", name_or_path=str(run / "model"), **fields))
+    else:
+        raise UserError(f"eval.run_dir: {run} has no trained weights (adapter/ or model/); did its train stage finish?")
+    ctx.cfg = dataclasses.replace(run_cfg, eval=ctx.cfg.eval, stages=ctx.cfg.stages, recipe=ctx.cfg.recipe)
+    ctx.data, ctx._model, ctx._tokenizer = None, None, None
+    return str(run)
+
+
+def write_generations(path: Path, prompts, refs, generations: dict, split: str, results: dict) -> None:
+    """One row per example: prompt, reference, each variant's answer and its ROUGE-L."""
+    from engine.metrics import rouge_l
+
+    with open(path, "w") as f:
+        for i, (p, r) in enumerate(zip(prompts, refs, strict=True)):
+            row = {"prompt": p, "reference": r}
+            for variant, preds in generations.items():
+                row[variant] = preds[i]
+                row[f"{variant}_rougeL"] = round(rouge_l(preds[i], r), 4)
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _brief(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))

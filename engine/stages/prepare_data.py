@@ -5,8 +5,34 @@ from engine.stages import STAGES
 
 @STAGES.register("prepare_data")
 def prepare_data(ctx) -> dict:
-    """Read, clean, split and tokenize the data (rejected rows -> rejected.jsonl)."""
-    from engine.data import prepare
+    """Read, clean, split and tokenize the data (rejected rows -> rejected.jsonl).
 
-    ctx.data = prepare(ctx.cfg.data, ctx.tokenizer(), seed=ctx.cfg.seed, run_dir=ctx.run_dir if ctx.is_main else None)
-    return ctx.data.metrics
+    Padding efficiency is measured here over one epoch of the batching the train stage
+    will use (micro-batch size, packing, length grouping), so a wasteful setting shows up
+    before any step runs.
+    """
+    from engine.data import prepare
+    from engine.data.collate import Batches
+
+    tokenizer = ctx.tokenizer()
+    ctx.data = prepare(ctx.cfg.data, tokenizer, seed=ctx.cfg.seed, run_dir=ctx.run_dir if ctx.is_main else None)
+    batches = Batches(
+        ctx.data.splits["train"],
+        micro_batch_size=ctx.cfg.train.micro_batch_size,
+        pad_id=tokenizer.pad_token_id,
+        seed=ctx.cfg.seed,
+        **ctx.data.batching,
+    )
+    metrics = ctx.data.metrics
+    metrics["train_rows"] = len(batches.rows)
+    metrics["micro_batches_per_epoch"] = len(batches)
+    metrics["padding_efficiency"] = batches.padding_efficiency()
+    if ctx.is_main:
+        rejected = metrics["rows_rejected"]
+        note = f", {rejected} rejected -> rejected.jsonl {metrics['rejected_by_reason']}" if rejected else ""
+        print(
+            f"[engine] data: {metrics['train_examples']} train / {metrics['validation_examples']} validation / "
+            f"{metrics['test_examples']} test examples{note}; padding efficiency {metrics['padding_efficiency']}",
+            flush=True,
+        )
+    return metrics

@@ -1,5 +1,12 @@
 """The ``loss`` group: what the model is optimised for.
 
+Kinds: ``ce`` (completion-only cross-entropy, here) and ``ce_regression`` (CE plus a
+regression term on a number in the answer, engine/loss/regression.py).
+
+Interface: ``LOSSES.build(spec, tokenizer=...)`` returns a callable
+``(hidden [B,T,H], labels [B,T] with -100 = ignore, lm_head, batch) -> (loss, parts)``;
+``parts`` holds plain floats/ints for logging (``ce`` always).
+
 A loss gets the decoder's last hidden states, the labels and the LM head, and projects to
 the vocabulary *only at labelled positions*: with a 49k vocabulary, float32 logits for
 prompt and padding positions would cost more memory and time than the rest of the step.
@@ -49,3 +56,7 @@ class CrossEntropy:
 def build_ce(spec: CESpec, *, tokenizer=None):
     """Completion-only cross-entropy."""
     return CrossEntropy(spec)
+
+
+# Importing the module registers ce_regression.
+from engine.loss import regression  # noqa: E402,F401

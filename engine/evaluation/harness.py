@@ -1,0 +1,98 @@
+"""EleutherAI lm-eval, run in-process on the model we already hold.
+
+Why in-process: the fine-tuned model is a PEFT-wrapped module in memory (and the base is
+the same module with the adapter disabled); handing it to ``HFLM(pretrained=model)``
+scores exactly what was trained, with no save/merge/reload round trip.
+
+Shipped tasks live next to this file (``lm_eval_tasks/``). Their ``data_files`` are
+relative to the YAML; lm-eval would resolve them against the working directory, so the
+YAML is copied into the run dir with absolute paths and that copy is what lm-eval reads
+(also a record of exactly which task definition produced the numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import yaml
+
+from engine.errors import UserError
+
+SHIPPED = Path(__file__).resolve().parent / "lm_eval_tasks"
+
+
+def shipped_tasks() -> list[str]:
+    return sorted(yaml.safe_load(p.read_text())["task"] for p in SHIPPED.glob("*.yaml"))
+
+
+def materialise_tasks(dest: Path) -> Path:
+    """Copy the shipped task YAMLs into ``dest`` with their data files made absolute."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in SHIPPED.glob("*.yaml"):
+        cfg = yaml.safe_load(src.read_text())
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+        if isinstance(files, dict):
+            cfg["dataset_kwargs"]["data_files"] = {k: str((src.parent / v).resolve()) for k, v in files.items()}
+        (dest / src.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return dest
+
+
+def run(model, tokenizer, spec, *, work_dir: Path, batch_size: int) -> dict:
+    """``simple_evaluate`` on ``spec.tasks``; returns {task: {metric: value}} (stderr dropped).
+
+    Args:
+        model: a ``PreTrainedModel`` or PEFT model (its adapter state is what gets scored).
+        spec: ``eval.lm_eval`` (tasks, limit, num_fewshot, include_path).
+        work_dir: where the resolved task YAMLs are written.
+    """
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("eval.lm_eval.tasks: needs lm-eval; install it with `pip install lm-eval==0.4.13`") from None
+
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    include = [str(materialise_tasks(work_dir))]
+    if spec.include_path:
+        include.append(str(Path(spec.include_path).expanduser().resolve()))
+    # Indexing lm-eval's own ~10k task YAMLs takes tens of seconds: only when asked for one.
+    manager = TaskManager(include_path=include, include_defaults=False)
+    if any(t not in manager.all_tasks for t in spec.tasks):
+        manager = TaskManager(include_path=include)
+    missing = [t for t in spec.tasks if t not in manager.all_tasks]
+    if missing:
+        raise UserError(
+            f"eval.lm_eval.tasks: unknown task(s) {missing}; shipped: {', '.join(shipped_tasks())} "
+            "(or any lm-eval task name; datasets must be in the local HF cache when offline)"
+        )
+    old_side = tokenizer.padding_side
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        out = simple_evaluate(
+            model=lm,
+            tasks=list(spec.tasks),
+            num_fewshot=spec.num_fewshot,
+            limit=spec.limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+        )
+    finally:
+        tokenizer.padding_side = old_side
+    results = {}
+    for task, metrics in (out or {}).get("results", {}).items():
+        clean = {}
+        for key, value in metrics.items():
+            name = key.split(",", 1)[0]
+            if name == "sample_len":
+                clean["examples"] = int(value)
+                continue
+            if name == "alias" or "stderr" in name or not isinstance(value, int | float):
+                continue
+            clean[name] = None if isinstance(value, float) and math.isnan(value) else round(float(value), 4)
+        results[task] = clean
+    return results

@@ -1,0 +1,113 @@
+"""report.md / report.html from a run's metrics; the HTML rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+from conftest import TINY, compose
+
+from engine.stages.report import report
+
+BLUE = (0x2B, 0x6C, 0xB0)  # the fine-tuned bars and the loss line (engine/evaluation/plots.py)
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A run dir as train + evaluate leave it, with hand-written numbers."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 / s}) + "\n" for s in range(1, 11)))
+    rows = [
+        {
+            "prompt": "<|im_start|>user\nWhat is eutrophication?<|im_end|>\n<|im_start|>assistant\n",
+            "reference": "Nutrient overload of water that causes algal blooms.",
+            "base": "A <script>alert(1)</script> word.",
+            "base_rougeL": 0.1,
+            "finetuned": "Nutrient overload causing algal blooms.",
+            "finetuned_rougeL": 0.8,
+        },
+    ]
+    (run / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = {
+        "train": {"steps": 10, "first_loss": 3.0, "final_loss": 0.3, "device": "cpu", "precision": "no"},
+        "evaluate": {
+            "test": {"exact_match": 0.05, "token_f1": 0.41, "rougeL": 0.38, "perplexity": 4.2, "r2": None},
+            "base": {
+                "test": {"exact_match": 0.0, "token_f1": 0.22, "rougeL": 0.19, "perplexity": 9.7, "r2": None},
+                "suites": {"format": 0.5, "overall": 0.5},
+            },
+            "suites": {"format": 0.67, "overall": 0.67},
+            "lm_eval": {"envsci_mc": {"acc": 0.5, "acc_norm": 0.6, "examples": 20}},
+            "examples": 40,
+            "stops": ["<|im_end|>"],
+        },
+    }
+    cfg = compose(TINY)
+    return SimpleNamespace(cfg=cfg, metrics=metrics, run_dir=run, is_main=True)
+
+
+def test_markdown_report_has_table_plots_and_samples(finished_run):
+    out = report(finished_run)
+    md = (finished_run.run_dir / "report.md").read_text()
+    assert out["path"].endswith("report.md")
+    assert "| metric | base | fine-tuned | change |" in md
+    assert "| rougeL | 0.1900 | 0.3800 | +0.1900 better |" in md
+    assert "| perplexity | 9.7000 | 4.2000 | -5.5000 better |" in md  # lower is better
+    assert "| r2 | n/a | n/a |  |" in md
+    assert "![Training loss per optimizer step](plots/loss.png)" in md and "(plots/metrics.png)" in md
+    assert (finished_run.run_dir / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Behaviour suites" in md and "## lm-eval: envsci_mc" in md
+    assert "What is eutrophication?" in md and "fine-tuned (ROUGE-L 0.80)" in md
+
+
+def test_html_is_self_contained_and_escapes_generations(finished_run):
+    report(finished_run)
+    html = (finished_run.run_dir / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 2
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "http://" not in html and "https://" not in html  # nothing fetched from anywhere
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _headless(binary: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_html_renders_in_headless_chromium(finished_run, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    report(finished_run)
+    page = (finished_run.run_dir / "report.html").as_uri()
+
+    dom = _headless(binary, tmp_path, "--dump-dom", page).stdout
+    assert '<table class="metrics">' in dom and "<td>rougeL</td>" in dom
+
+    shot = tmp_path / "report.png"
+    _headless(binary, tmp_path, f"--screenshot={shot}", "--window-size=1200,2600", page)
+    assert shot.exists(), "chromium wrote no screenshot"
+    import matplotlib.image
+
+    pixels = (matplotlib.image.imread(shot)[..., :3] * 255).round()
+    assert pixels.shape[1] == 1200
+    blue = ((abs(pixels - BLUE) <= 6).all(axis=-1)).sum()
+    assert blue > 2000, f"the plots did not render (only {blue} plot-coloured pixels)"
+    dark = (pixels.max(axis=-1) < 80).sum()
+    assert dark > 2000, "no text rendered"

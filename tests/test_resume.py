@@ -1,0 +1,149 @@
+"""Crash safety end to end: kill the real CLI at exact points, re-run, get the same adapter.
+
+The uninterrupted run and the killed-and-resumed run share every setting (tiny model, CPU,
+fp32, LoRA dropout on, so RNG restore matters); ``ENGINE_CRASH_AT`` makes a run SIGKILL
+itself after a step is logged or in the middle of writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, run_engine
+
+from engine.checkpoint import complete_checkpoints
+
+ARGS = [
+    *TINY,
+    "stages=[prepare_data,train]",
+    "precision=fp32",
+    "device=cpu",
+    "train.max_steps=8",
+    "train.save_every=2",
+    "train.keep_last=2",
+    "train.micro_batch_size=2",
+    "train.grad_accum=2",
+    "train.warmup_steps=2",
+    "train.lr=1e-3",
+]
+
+
+def _run(run_dir: Path, *extra: str, crash_at: str | None = None):
+    os.environ.pop("ENGINE_CRASH_AT", None)
+    if crash_at:
+        os.environ["ENGINE_CRASH_AT"] = crash_at
+    try:
+        return run_engine(*ARGS, *extra, f"hydra.run.dir={run_dir}")
+    finally:
+        os.environ.pop("ENGINE_CRASH_AT", None)
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> Path:
+    """One uninterrupted run (also with TensorBoard and the plot on)."""
+    run_dir = tmp_path_factory.mktemp("resume") / "baseline"
+    r = _run(run_dir, "train.loggers=[tensorboard]", "train.plot=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir
+
+
+def test_sigkill_at_three_points_then_resume_is_bit_identical(baseline, tmp_path):
+    run_dir = tmp_path / "crashy"
+    # 1. Killed after step 3 was logged, before its checkpoint: step-2 is the latest.
+    r = _run(run_dir, crash_at="step:3")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert [c.step for c in complete_checkpoints(run_dir)] == [2]
+    assert [rec["step"] for rec in _log(run_dir)] == [1, 2, 3]
+
+    # 2. Resumed from step 2, killed in the middle of writing step-4: the half-written
+    #    checkpoint exists on disk but is never taken for a complete one.
+    r = _run(run_dir, crash_at="checkpoint:4")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert "resuming from" in r.stdout and "step 2" in r.stdout
+    assert (run_dir / "checkpoints" / ".tmp-step-4").is_dir()
+    assert [c.step for c in complete_checkpoints(run_dir)] == [2]
+
+    # 3. Resumed from step 2 again (the partial dir is removed), killed after step 7.
+    r = _run(run_dir, crash_at="step:7")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert not (run_dir / "checkpoints" / ".tmp-step-4").exists()
+    assert [c.step for c in complete_checkpoints(run_dir)] == [4, 6]  # keep_last=2
+
+    # 4. Resumed from step 6 and finished.
+    r = _run(run_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 6" in r.stdout
+
+    same = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert same == (baseline / "adapter" / "adapter_model.safetensors").read_bytes()
+    log, base_log = _log(run_dir), _log(baseline)
+    assert [rec["step"] for rec in log] == list(range(1, 9))  # no duplicated steps
+    assert [rec["loss"] for rec in log] == [rec["loss"] for rec in base_log]
+    assert [rec["lr"] for rec in log] == [rec["lr"] for rec in base_log]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["resumed_from_step"] == 6
+
+
+def test_changed_config_refuses_and_force_goes_on(baseline, tmp_path):
+    run_dir = tmp_path / "changed"
+    shutil.copytree(baseline, run_dir)
+    before = (run_dir / "config.yaml").read_text()
+
+    r = _run(run_dir, "train.lr=5e-4")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "train.lr: 0.001 -> 0.0005" in r.stderr and "train.resume=force" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert (run_dir / "config.yaml").read_text() == before  # the record was not clobbered
+
+    # Keys that do not change the math (loggers, plot, save_every, ...) do not block resume.
+    r = _run(run_dir, "train.plot=false", "train.save_every=4")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    r = _run(run_dir, "train.lr=5e-4", "train.max_steps=10", "train.resume=force")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [rec["step"] for rec in _log(run_dir)] == list(range(1, 11))
+    assert json.loads((run_dir / "metrics.json").read_text())["train"]["resumed_from_step"] == 8
+    assert list(run_dir.glob("config.*.yaml")), "the earlier config.yaml is kept beside the new one"
+
+
+def test_tensorboard_events_and_plot_exist(baseline):
+    events = list((baseline / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(baseline / "tensorboard"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == list(range(1, 9))
+    png = baseline / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigterm_writes_a_checkpoint_and_exits(tmp_path):
+    run_dir = tmp_path / "term"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    args = [a for a in ARGS if not a.startswith("train.max_steps")]
+    cmd = [sys.executable, "-m", "engine", *args, "train.max_steps=500", "train.save_every=1000", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run_dir / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err
+    steps = [c.step for c in complete_checkpoints(run_dir)]
+    assert len(steps) == 1 and steps[0] == len(log.read_text().splitlines()) >= 2
