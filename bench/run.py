@@ -172,7 +172,11 @@ def launch(job: dict, timeout: int) -> dict:
         t0 = time.time()
         proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         first_step = None
         while proc.poll() is None:
@@ -186,7 +190,7 @@ def launch(job: dict, timeout: int) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"[bench] arm {job['arm']} failed (exit {proc.returncode}):\n{err[-4000:]}")
         line = next(x for x in reversed(out.splitlines()) if x.startswith("BENCH_RESULT "))
-        rec = json.loads(line[len("BENCH_RESULT "):])
+        rec = json.loads(line[len("BENCH_RESULT ") :])
         rec["time_to_first_step_s"] = round(first_step, 2) if first_step is not None else None
         rec["process_s"] = round(time.time() - t0, 2)
         return rec
@@ -281,7 +285,11 @@ def summarise(runs: list[dict], arms: list[str]) -> dict:
     per = {}
     for arm in arms:
         rs = [r for r in runs if r["arm"] == arm]
-        med = lambda k: statistics.median(r[k] for r in rs if r.get(k) is not None) if any(r.get(k) is not None for r in rs) else None  # noqa: E731
+
+        def med(key: str, rs=rs):
+            xs = [r[key] for r in rs if r.get(key) is not None]
+            return statistics.median(xs) if xs else None
+
         per[arm] = {
             "runs": len(rs),
             "precision": rs[0]["precision"],
@@ -383,7 +391,9 @@ class StepMeter:
         if pos is not None:
             # Packed rows: each sequence restarts its positions at 0.
             lens = []
-            for row, m in zip(pos.tolist(), (mask.tolist() if mask is not None and mask.dim() == 2 else [None] * pos.shape[0]), strict=False):
+            for row, m in zip(
+                pos.tolist(), (mask.tolist() if mask is not None and mask.dim() == 2 else [None] * pos.shape[0]), strict=False
+            ):
                 cur = 0
                 for j, p_ in enumerate(row):
                     if m is not None and not m[j]:
@@ -460,7 +470,15 @@ def length_stats(lengths: list[int]) -> dict:
     if not xs:
         return {}
     q = lambda f: xs[min(len(xs) - 1, int(f * len(xs)))]  # noqa: E731
-    return {"n": len(xs), "min": xs[0], "p10": q(0.1), "p50": q(0.5), "mean": round(statistics.mean(xs), 1), "p90": q(0.9), "max": xs[-1]}
+    return {
+        "n": len(xs),
+        "min": xs[0],
+        "p10": q(0.1),
+        "p50": q(0.5),
+        "mean": round(statistics.mean(xs), 1),
+        "p90": q(0.9),
+        "max": xs[-1],
+    }
 
 
 def run_engine_arm(overrides: list[str], run_dir: Path) -> dict:
@@ -520,8 +538,12 @@ def run_trl_arm(overrides: list[str], sft_overrides: dict, run_dir: Path) -> dic
     rows = [{"prompt": ex.messages[:-1], "completion": ex.messages[-1:]} for ex in data.splits["train"]]
     ad = cfg.adapter
     lora = LoraConfig(
-        r=ad.r, lora_alpha=ad.alpha, lora_dropout=ad.dropout, target_modules=list(ad.target_modules),
-        bias=ad.bias, task_type="CAUSAL_LM",
+        r=ad.r,
+        lora_alpha=ad.alpha,
+        lora_dropout=ad.dropout,
+        target_modules=list(ad.target_modules),
+        bias=ad.bias,
+        task_type="CAUSAL_LM",
     )
     device = resolve_device(cfg.device)
     sft = dict(
@@ -567,8 +589,12 @@ def run_trl_arm(overrides: list[str], sft_overrides: dict, run_dir: Path) -> dic
 
     clock = Clock()
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-        peft_config=lora, callbacks=[clock],
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[clock],
     )
     collate = trainer.data_collator
 

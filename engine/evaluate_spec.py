@@ -25,7 +25,6 @@ DEFAULT_REFUSALS = [
     r"\b(?:sorry|apologi[sz]e)\b",
     r"\bI (?:do not|don't) (?:know|have (?:any )?(?:information|data|access))\b",
     r"\b(?:not aware of|no (?:reliable )?(?:information|record|evidence) (?:about|of|on)|does not exist|doesn't exist)\b",
-    r"\b(?:illegal|unethical|harmful)\b",
 ]
 
 

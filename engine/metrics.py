@@ -8,7 +8,8 @@ compare values; they are the ones to pick for answers like "Score: 0.42".
 Conventions, the same everywhere (the tests pin them):
 - two empty texts agree perfectly (1.0); one empty and one not score 0.0;
 - text is NFKC-normalised, so "CO₂" and "CO2" are the same word;
-- a number keeps its decimal point: "4.2" and "42" differ.
+- a number keeps its decimal point: "4.2" and "42" differ;
+- digits inside a word are not a number: "CO2" and "PM2.5" state no value.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable
 
-NUMBER = r"(?:(?<!\w)[-+−])?(?:\d+(?:[.,]\d+)*|\.\d+)(?:[eE][-+]?\d+)?"
+NUMBER = r"(?:(?<![\w.])[-+−])?(?<![\w.])(?:\d+(?:[.,]\d+)*|\.\d+)(?:[eE][-+]?\d+)?"
 # Punctuation that is part of a number: a decimal point or thousands comma between
 # digits, a minus sign before one. Protected from the punctuation strip.
 _NUMBER_PUNCT = re.compile(r"(?<=\d)[.,](?=\d)|(?<!\w)[-−](?=\.?\d)")

@@ -13,9 +13,22 @@ sys.path.insert(0, str(ROOT / "bench"))
 import run as bench  # noqa: E402  (bench/run.py: a script, not a package)
 
 RECORD_FIELDS = {
-    "arm", "rep", "precision", "losses", "real_tokens", "padded_tokens", "real_tokens_per_s", "padded_tokens_per_s",
-    "padding_efficiency", "time_to_first_step_s", "peak_rss_mb", "peak_cuda_mb", "steady_seconds", "model_shape",
-    "row_lengths", "flops",
+    "arm",
+    "rep",
+    "precision",
+    "losses",
+    "real_tokens",
+    "padded_tokens",
+    "real_tokens_per_s",
+    "padded_tokens_per_s",
+    "padding_efficiency",
+    "time_to_first_step_s",
+    "peak_rss_mb",
+    "peak_cuda_mb",
+    "steady_seconds",
+    "model_shape",
+    "row_lengths",
+    "flops",
 }
 
 
@@ -55,7 +68,9 @@ def test_summary_has_ratio_and_machine(smoke):
 
 def test_flop_formula_counts_useful_work_only():
     rec = {
-        "steady_real_tokens": 10, "steady_labelled_tokens": 4, "steady_sum_len_sq": 50,
+        "steady_real_tokens": 10,
+        "steady_labelled_tokens": 4,
+        "steady_sum_len_sq": 50,
         "model_shape": {"body_params": 100, "trainable_params": 3, "vocab": 7, "hidden": 2, "layers": 5},
     }
     assert bench.useful_flops(rec) == 10 * (4 * 100 + 6 * 3) + 4 * 4 * 7 * 2 + 50 * 6 * 5 * 2

@@ -50,6 +50,7 @@ def test_preserves_numbers_reads_the_source():
         checks=S.Checks(preserves_numbers=True),
     )
     assert S.numbers_in(case.source) == ["18", "41", "2010", "2020"]
+    assert S.numbers_in("CO2 reached 424 ppm; PM2.5 hit 58") == ["424", "58"]
     assert S.check("Between 2010 and 2020 levels went from 18 to 41.", case, DEFAULT_REFUSALS) == []
     assert S.check("Levels roughly doubled from 18 by 2020.", case, DEFAULT_REFUSALS) == ["preserves_numbers"]
 
@@ -62,6 +63,7 @@ def test_preserves_numbers_reads_the_source():
         ("I don't have information about a report published in 2031.", True),
         ("I am not aware of any such species.", True),
         ("Recycling aluminium saves about 95% of the energy needed to make new metal.", False),
+        ("The ozone layer protects life from harmful ultraviolet radiation.", False),  # "harmful" is not a refusal
         ("", False),
     ],
 )

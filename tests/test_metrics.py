@@ -160,6 +160,7 @@ def test_cosine_minilm_ranks_paraphrase_above_unrelated():
         ("from 1,200 to 3,400 ppm", None, 3400.0),
         ("2010-2020", None, 2020.0),  # a hyphen between numbers is not a minus
         ("1.5e2", None, 150.0),
+        ("CO2 at PM2.5 sites", None, None),  # digits inside words are not values
         ("no number here", None, None),
         ("", None, None),
         ("Score: 0.7 (confidence 90)", r"Score:\s*(\S+)", 0.7),

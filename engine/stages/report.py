@@ -60,7 +60,8 @@ def build(ctx) -> list[Block]:
                 (
                     f"{d.get('rows_read')} rows read, {d.get('rows_used')} used, {d.get('rows_rejected')} rejected "
                     f"{d.get('rejected_by_reason') or ''}; splits: train {d.get('train_examples')}, "
-                    f"validation {d.get('validation_examples')}, test {d.get('test_examples')}; {d.get('truncated')} truncated."
+                    f"validation {d.get('validation_examples')}, test {d.get('test_examples')}; "
+                    f"{d.get('truncated')} truncated."
                 ),
             ),
         ]
@@ -72,7 +73,8 @@ def build(ctx) -> list[Block]:
                 "p",
                 (
                     f"{t.get('steps')} steps on {t.get('device')} (mixed precision: {t.get('precision')}) in "
-                    f"{t.get('train_seconds')} s, {t.get('tokens_per_s')} tokens/s; loss {t.get('first_loss')} -> {t.get('final_loss')}."
+                    f"{t.get('train_seconds')} s, {t.get('tokens_per_s')} tokens/s; "
+                    f"loss {t.get('first_loss')} -> {t.get('final_loss')}."
                 ),
             ),
         ]
