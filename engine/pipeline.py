@@ -44,6 +44,11 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _precision(mixed: str | None) -> str:
+    """accelerate says 'no' for full precision; people say fp32."""
+    return "fp32" if mixed in (None, "no") else mixed
+
+
 def summary(ctx: RunContext) -> str:
     """One screen: where the run is and the numbers that matter."""
     m = ctx.metrics
@@ -52,7 +57,7 @@ def summary(ctx: RunContext) -> str:
         t = m["train"]
         lines.append(
             f"train: {t.get('steps')} steps, loss {t.get('first_loss')} -> {t.get('final_loss')}, "
-            f"{t.get('tokens_per_s')} tokens/s ({t.get('precision')} on {t.get('device')})"
+            f"{t.get('tokens_per_s')} tokens/s ({_precision(t.get('precision'))} on {t.get('device')})"
         )
     ev = m.get("evaluate", {})
     split = ctx.cfg.eval.split

@@ -58,6 +58,12 @@ def resolve_precision(precision: str, device: str) -> str:
 def make_accelerator(device: str, precision: str, grad_accum: int = 1):
     from accelerate import Accelerator
 
+    from accelerate.state import AcceleratorState
+
     dev = resolve_device(device)
     mp = resolve_precision(precision, dev)
+    # accelerate keeps one process-wide state; a second run in the same process (a Hydra
+    # multirun job, a test) may ask for another precision. Reset that state, but keep the
+    # process group (PartialState) that a distributed launch set up.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=dev == "cpu", mixed_precision=mp, gradient_accumulation_steps=grad_accum)
