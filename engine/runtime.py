@@ -57,7 +57,6 @@ def resolve_precision(precision: str, device: str) -> str:
 
 def make_accelerator(device: str, precision: str, grad_accum: int = 1):
     from accelerate import Accelerator
-
     from accelerate.state import AcceleratorState
 
     dev = resolve_device(device)

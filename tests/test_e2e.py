@@ -86,7 +86,8 @@ def test_multirun_sweeps_any_key(tmp_path):
         f"hydra.sweep.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = sorted(json.loads((d / "adapter" / "adapter_config.json").read_text())["r"] for d in tmp_path.iterdir() if d.name.isdigit())
+    jobs = [d for d in tmp_path.iterdir() if d.name.isdigit()]
+    ranks = sorted(json.loads((d / "adapter" / "adapter_config.json").read_text())["r"] for d in jobs)
     assert ranks == [4, 8]
 
 

@@ -9,5 +9,12 @@ from engine.registry import Registry
 STAGES = Registry("stage")
 
 # Importing the modules registers the built-in stages.
-from engine.stages import archive_documents, evaluate, prepare_data, preview_data, report, train  # noqa: E402,F401
-from engine.stages import layered  # noqa: E402,F401  (train_layered)
+from engine.stages import (  # noqa: E402,F401
+    archive_documents,
+    evaluate,
+    layered,  # registers train_layered
+    prepare_data,
+    preview_data,
+    report,
+    train,
+)
