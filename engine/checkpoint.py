@@ -159,7 +159,7 @@ def prepare_run_dir(cfg, run_dir: Path, accelerator) -> Checkpoint | None:
         if cfg_path.exists() and cfg_path.read_text() != new:
             # Keep the record of what the earlier part of this run was trained with.
             cfg_path.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-        _write_text_atomic(cfg_path, new)
+        write_text_atomic(cfg_path, new)
     accelerator.wait_for_everyone()
     return None if mode == "never" else ckpt
 
@@ -256,7 +256,7 @@ def write_checkpoint(
     torch.save({"ranks": rng}, tmp / FILES[3])
     _fsync(tmp / FILES[3])
     files = {name: (tmp / name).stat().st_size for name in FILES}
-    _write_text_atomic(tmp / "state.json", json.dumps({**state, "step": step, "files": files}, indent=1, default=str))
+    write_text_atomic(tmp / "state.json", json.dumps({**state, "step": step, "files": files}, indent=1, default=str))
     _fsync_dir(tmp)
     os.replace(tmp, final)
     _fsync_dir(root)
@@ -307,7 +307,8 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file, fsync, rename: a crash leaves the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -331,7 +332,7 @@ def truncate_log(path: Path, step: int) -> int:
             continue
         if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
             kept.append(line)
-    _write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
     return len(kept)
 
 

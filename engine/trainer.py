@@ -21,6 +21,7 @@ import math
 import signal
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -318,7 +319,7 @@ def _accumulate(model, micro: list[dict], loss_fn, acc, splits: int):
         if acc.distributed_type.value == "DEEPSPEED":
             # DeepSpeed steps inside backward when gradients sync: only on the last piece.
             acc.gradient_state._set_sync_gradients(last)
-        with acc.no_sync(model) if not last else _null():
+        with acc.no_sync(model) if not last else nullcontext():
             with acc.autocast():
                 loss, parts = forward_loss(model, batch, loss_fn)
             acc.backward(loss * weight / n)
@@ -551,11 +552,3 @@ class _StopOnSignal:
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -9,8 +9,11 @@ hard-coded, plus any ``eval.stop`` strings.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
+
+from engine.data.collate import pad_collate
 
 SENTINEL = "\u2063ENGINE_SENTINEL\u2063"
 
@@ -76,7 +79,7 @@ def generate(
             idx = order[start : start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
-            with autocast() if autocast else _null():
+            with autocast() if autocast else nullcontext():
                 gen = model.generate(
                     **enc,
                     max_new_tokens=max_new_tokens,
@@ -100,36 +103,20 @@ def reference_perplexity(model, examples, *, pad_id: int, batch_size: int, devic
     Uses each example's training labels, so exactly the tokens the model was trained to
     produce count (the answer and its end-of-turn marker), averaged over all of them.
     """
+    from engine.loss import CESpec, CrossEntropy
+    from engine.trainer import forward_loss
+
+    # The training loss, reused: the vocabulary projection happens only at labelled positions.
+    ce = CrossEntropy(CESpec(kind="ce"))
     model.eval()
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, e in enumerate(chunk):
-            n = len(e.input_ids)
-            ids[row, :n] = torch.tensor(e.input_ids)
-            labels[row, :n] = torch.tensor(e.labels)
-            mask[row, :n] = 1
-        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-        with autocast() if autocast else _null():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += int((shift_labels != -100).sum())
+        batch = pad_collate(examples[start : start + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast() if autocast else nullcontext():
+            loss, parts = forward_loss(model, batch, ce)
+        total_nll += float(loss) * parts["tokens"]
+        total_tokens += parts["tokens"]
     if total_tokens == 0:
         return None
     return math.exp(total_nll / total_tokens)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
