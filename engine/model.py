@@ -176,8 +176,14 @@ def build_hf(spec: HfSpec, *, quantization_config: Any = None, progress: bool = 
 
 def resolve_hf(name_or_path: str, revision: str | None = None) -> str:
     """A local dir as is; a hub id from the local cache, or online; else fail fast."""
-    if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser())
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UserError(
+                f"model.name_or_path: '{name_or_path}' is a directory but not an HF model dir (no config.json); "
+                "point it at a dir written by save_pretrained (config.json, weights, tokenizer files)"
+            )
+        return str(local)
     from huggingface_hub import snapshot_download
 
     try:

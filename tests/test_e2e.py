@@ -112,3 +112,11 @@ def test_missing_hub_model_fails_fast_offline(tmp_path):
     assert "microsoft/phi-2" in proc.stderr and "local HF cache" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.time() - t0 < 60
+
+
+def test_local_dir_that_is_not_a_model_is_a_clear_error(tmp_path):
+    from engine.errors import UserError
+    from engine.model import resolve_hf
+
+    with pytest.raises(UserError, match="no config.json"):
+        resolve_hf(str(tmp_path))
