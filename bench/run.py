@@ -66,6 +66,8 @@ SHARED = {
 ARMS: dict[str, dict] = {
     "engine": {"framework": "engine", "overrides": []},
     "engine_packed": {"framework": "engine", "overrides": ["data.packing=true"]},
+    "engine_grouped": {"framework": "engine", "overrides": ["data.group_by_length=true"]},
+    "engine_compiled": {"framework": "engine", "overrides": ["data.packing=true", "train.compile=true"]},
     "engine_bf16": {"framework": "engine", "overrides": ["precision=bf16"]},
     "engine_fp32": {"framework": "engine", "overrides": ["precision=fp32"]},
     "trl_default": {"framework": "trl", "sft": {}},

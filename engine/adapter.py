@@ -78,12 +78,20 @@ def lora_config(spec: LoraSpec, method: str = "lora"):
     )
 
 
+def _fast_dropout(model):
+    """LoRA's input dropout drawn sparsely on CPU (engine/dropout.py: same distribution, ~6x cheaper)."""
+    from engine.dropout import use_gap_dropout
+
+    use_gap_dropout(model)
+    return model
+
+
 @ADAPTERS.register("lora", LoraSpec)
 def build_lora(spec: LoraSpec, *, model):
     """LoRA: low-rank updates on the target layers; the base stays frozen."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(spec))
+    return _fast_dropout(get_peft_model(model, lora_config(spec)))
 
 
 @ADAPTERS.register("dora", LoraSpec)
@@ -91,7 +99,7 @@ def build_dora(spec: LoraSpec, *, model):
     """DoRA: LoRA direction plus a trained magnitude per output feature."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(spec, "dora"))
+    return _fast_dropout(get_peft_model(model, lora_config(spec, "dora")))
 
 
 @ADAPTERS.register("rslora", LoraSpec)
@@ -99,7 +107,7 @@ def build_rslora(spec: LoraSpec, *, model):
     """Rank-stabilised LoRA: scale alpha / sqrt(r), so large ranks keep learning."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(spec, "rslora"))
+    return _fast_dropout(get_peft_model(model, lora_config(spec, "rslora")))
 
 
 @ADAPTERS.register("none", NoAdapterSpec)
@@ -122,7 +130,7 @@ def build_layered(spec: LayeredSpec, *, model):
     """Layered LoRA: level 1 here; the train_layered stage adds and trains the next levels."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(spec, spec.method), adapter_name=level_name(1))
+    return _fast_dropout(get_peft_model(model, lora_config(spec, spec.method), adapter_name=level_name(1)))
 
 
 def add_level(model, spec: LayeredSpec, level: int) -> None:
@@ -134,6 +142,7 @@ def add_level(model, spec: LayeredSpec, level: int) -> None:
     name = level_name(level)
     if name not in model.peft_config:
         model.add_adapter(name, lora_config(spec, spec.method))
+        _fast_dropout(model)
     model.base_model.set_adapter([level_name(k) for k in range(1, level + 1)])
     for pname, p in model.named_parameters():
         p.requires_grad_(f".{name}." in pname)

@@ -33,6 +33,9 @@ class NumericSpec(Strict):
     """within_tol counts |prediction - reference| <= tolerance as correct."""
     pattern: str | None = None
     """Regex whose first group holds the value (e.g. 'Score:\\s*(\\S+)'); null = the last number."""
+    expected_value: bool = False
+    """Also score the expected value of the answer's number under the model's digit/sign
+    distributions (what ce_regression trains; engine/evaluation/numeric.py): metrics *_ev."""
 
     @field_validator("pattern")
     @classmethod
@@ -79,6 +82,11 @@ class EvalSpec(Strict):
     lm_eval: LmEvalSpec = LmEvalSpec()
     report_examples: int = Field(5, ge=0)
     """Side-by-side generations shown in report.md / report.html."""
+    compare_run: str | None = None
+    """Another finished run dir (e.g. the same recipe with loss=ce): its fine-tuned metrics are
+    shown beside this run's in the report, with which is better."""
+    notes: list[str] = []
+    """Paragraphs added to the report's evaluation section (e.g. reference numbers to compare with)."""
 
     @field_validator("refusal_patterns")
     @classmethod
@@ -100,7 +108,7 @@ class EvalSpec(Strict):
             raise ValueError(f"no suite {missing}; shipped: {', '.join(shipped_names())} (or a path to a suite YAML)")
         return v
 
-    @field_validator("run_dir")
+    @field_validator("run_dir", "compare_run")
     @classmethod
     def _run_dir_has_config(cls, v: str | None) -> str | None:
         if v is not None and not (Path(v).expanduser() / "config.yaml").is_file():

@@ -87,6 +87,7 @@ def forward_loss(model, batch: dict, loss_fn):
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch.get("position_ids"),
+        **({"segment_lengths": batch["segment_lengths"]} if "segment_lengths" in batch else {}),
         output_hidden_states=True,
         logits_to_keep=1,
         use_cache=False,
@@ -95,11 +96,35 @@ def forward_loss(model, batch: dict, loss_fn):
     return loss_fn(out.hidden_states[-1], batch["labels"], lm_head, batch)
 
 
+def compile_blocks(model) -> int:
+    """torch.compile the MLP and norm modules of every decoder block (returns how many).
+
+    Regional, not whole-model: attention (its per-example loop over packed rows, its masks)
+    stays eager, and the MLP/norm graphs are the same for every layer, so they compile once
+    and are reused (parameters are graph inputs). Shapes vary with batch lengths: dynamic.
+    """
+    n = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith(("MLP", "RMSNorm")) and hasattr(module, "compile"):
+            module.compile(dynamic=True)
+            n += 1
+    return n
+
+
 def _packing(data_spec, model) -> dict:
-    """Packing/length-grouping options of the data spec (a packed 4D mask takes the model's dtype)."""
+    """Packing/length-grouping options of the data spec.
+
+    Packed rows on an sdpa model attend per example (engine/attention.py, no mask tensor);
+    on other attention implementations they carry a 4D block mask in the model's dtype.
+    """
+    from engine.attention import use_segments
+
     emb = model.get_input_embeddings().weight
+    packing = getattr(data_spec, "packing", False)
     return {
-        "packing": getattr(data_spec, "packing", False),
+        "packing": packing,
+        "segments": bool(packing) and use_segments(model),
         "group_by_length": getattr(data_spec, "group_by_length", False),
         "max_length": getattr(data_spec, "max_length", None),
         "mask_dtype": emb.dtype if emb.is_floating_point() else torch.float32,
@@ -150,6 +175,8 @@ def train(ctx) -> dict:
     # 2. Optimizer and schedule over the trainable parameters only. The scheduler is not
     #    given to accelerate: it would step it num_processes times per optimizer step.
     params = [p for p in model.parameters() if p.requires_grad]
+    if tcfg.compile:
+        compile_blocks(model)
     optimizer = make_optimizer(tcfg, params, acc.device.type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg.schedule, tcfg.warmup_steps, steps))
     model, optimizer = acc.prepare(model, optimizer)
@@ -239,6 +266,9 @@ def train(ctx) -> dict:
             if stopped:
                 break
     finally:
+        from engine.attention import restore_sdpa
+
+        restore_sdpa(model)
         stop.restore()
         progress.close()
         if log:

@@ -49,7 +49,10 @@ def tiny_model(attn: str, vocab: int):
 
 def per_example_losses(model, batch, rows: list[list[Example]]) -> list[torch.Tensor]:
     """Mean next-token CE of each example, cut out of its (packed or padded) row."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"))
+    extra = {"segment_lengths": batch["segment_lengths"]} if "segment_lengths" in batch else {}
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"), **extra
+    )
     losses = []
     for r, row in enumerate(rows):
         at = 0
@@ -71,6 +74,36 @@ def test_packed_loss_matches_unpacked_per_example(attn, bundle, tok):
         packed = per_example_losses(model, packed_collate(rows, tok.pad_token_id), rows)
     diff = max(abs(a - b).item() for a, b in zip(alone, packed, strict=True))
     assert diff < 1e-4, diff
+
+
+def test_segment_attention_matches_unpacked_loss_and_gradients(bundle, tok):
+    """sdpa_segments (no mask tensor, causal SDPA per example) == each example alone, grads too."""
+    from engine.attention import NAME, restore_sdpa, use_segments
+
+    examples = bundle.splits["train"][:12]
+    rows = [examples[0:5], examples[5:9], examples[9:12]]
+    model = tiny_model("sdpa", len(tok)).train()
+    assert use_segments(model) and model.config._attn_implementation == NAME
+
+    def grads(batch, rows):
+        model.zero_grad()
+        losses = per_example_losses(model, batch, rows)
+        torch.stack(losses).sum().backward()
+        return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    packed_batch = packed_collate(rows, tok.pad_token_id, segments=True)
+    assert "segment_lengths" in packed_batch and packed_batch["attention_mask"].dim() == 2
+    assert packed_batch["segment_lengths"].tolist()[2][:3] == [len(e.input_ids) for e in rows[2]]
+    packed, g_packed = grads(packed_batch, rows)
+    alone, g_alone = grads(pad_collate(examples, tok.pad_token_id), [[e] for e in examples])
+    assert max(abs(a - b).item() for a, b in zip(alone, packed, strict=True)) < 1e-4
+    assert max((g_alone[n] - g_packed[n]).abs().max().item() for n in g_alone) < 1e-4
+    # Without segment_lengths (generation, unpacked batches) it is plain sdpa.
+    with torch.no_grad():
+        plain = per_example_losses(model, pad_collate(examples, tok.pad_token_id), [[e] for e in examples])
+    assert max(abs(a - b).item() for a, b in zip(alone, plain, strict=True)) < 1e-5
+    restore_sdpa(model)
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_packed_batch_layout(tok):

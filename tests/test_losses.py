@@ -128,3 +128,48 @@ def test_loss_config_is_validated():
     message = str(err.value)
     for key in ["loss.pattern", "not a valid regular expression", "loss.error", "'huber'", "loss.weight"]:
         assert key in message, message
+
+
+def test_read_gives_each_rows_expected_value_or_none(tok):
+    """The evaluation readout: per row, the expected value the loss trains (None: no number)."""
+    batch = make_batch(tok, ["Score: -0.35", "no value here", "Score: 0.80"])
+    hidden, head = oracle(batch, len(tok))
+    values = build(tok).read(hidden, batch["labels"], head)
+    assert values[1] is None
+    assert values[0] == pytest.approx(-0.35, abs=1e-3) and values[2] == pytest.approx(0.8, abs=1e-3)
+    # An uncertain sign pulls the value toward 0: the expectation, not the argmax.
+    loss = build(tok)
+    row = batch["labels"][2]
+    start = (row != -100).nonzero()[0].item()
+    sign_pos = start + loss.parse(tuple(row[row != -100].tolist())).sign_at - 1
+    hedged_hidden = hidden.clone()
+    hedged_hidden[2, sign_pos, loss.vocab.minus[0]] = hedged_hidden[2, sign_pos].max()  # '-' ties the true token
+    hedged = loss.read(hedged_hidden, batch["labels"], head)[2]
+    assert abs(hedged) < 0.1
+
+
+def test_expected_value_readout_on_a_model(tok):
+    """engine/evaluation/numeric.py: tokenizes prompt + given answer, reads the value at its number."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.data import Example
+    from engine.data.templates import template_source
+    from engine.evaluation.numeric import expected_values, reader_for
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+        )
+    )
+    ex = Example([], [], [{"role": "user", "content": "Rate it."}, {"role": "assistant", "content": "Score: 0.10"}])
+    reader = reader_for(compose([*TINY]).loss, tok)  # a CE run still gets a reader with default settings
+    template = template_source("chatml", tok)
+    values = expected_values(model, tok, template, [ex, ex], ["Score: 0.42", "no number"], reader, batch_size=2, device="cpu")
+    assert values[1] is None
+    assert isinstance(values[0], float) and -10 < values[0] < 10

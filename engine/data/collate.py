@@ -40,8 +40,15 @@ def pad_collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_tokens": mask.sum()}
 
 
-def packed_collate(rows: list[list], pad_id: int, mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Several examples per row; restarted position ids and a block-diagonal causal mask."""
+def packed_collate(
+    rows: list[list], pad_id: int, mask_dtype: torch.dtype = torch.float32, segments: bool = False
+) -> dict[str, torch.Tensor]:
+    """Several examples per row; restarted position ids and a block-diagonal causal mask.
+
+    ``segments=True`` (models on engine/attention.py's ``sdpa_segments``): instead of the
+    [rows, 1, T, T] mask, each row's example lengths (``segment_lengths``, 0-padded) and a
+    plain 2D padding mask; attention then runs causally per example.
+    """
     n = max(sum(len(e.input_ids) for e in row) for row in rows)
     b = len(rows)
     ids = torch.full((b, n), pad_id, dtype=torch.long)
@@ -59,12 +66,24 @@ def packed_collate(rows: list[list], pad_id: int, mask_dtype: torch.dtype = torc
             segment[i, at : at + k] = s
             at += k
         pos[i, at:] = torch.arange(n - at)
+    real = (segment >= 0).sum()
+    if segments:
+        lengths = torch.zeros((b, max(len(row) for row in rows)), dtype=torch.long)
+        for i, row in enumerate(rows):
+            lengths[i, : len(row)] = torch.tensor([len(e.input_ids) for e in row])
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": (segment >= 0).long(),
+            "position_ids": pos,
+            "segment_lengths": lengths,
+            "real_tokens": real,
+        }
     causal = torch.ones((n, n), dtype=torch.bool).tril()
     # Padding attends to earlier padding only (never a fully masked row: no NaN in softmax).
     allowed = (segment[:, :, None] == segment[:, None, :]) & causal
     mask = torch.zeros((b, 1, n, n), dtype=mask_dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
-    real = (segment >= 0).sum()
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos, "real_tokens": real}
 
 
@@ -104,6 +123,7 @@ class Batches:
         group_by_length: bool = False,
         max_length: int | None = None,
         mask_dtype: torch.dtype = torch.float32,
+        segments: bool = False,
     ):
         self.examples = examples
         self.mbs = micro_batch_size
@@ -111,7 +131,7 @@ class Batches:
         self.seed = seed
         self.rank, self.world = rank, world
         self.packing, self.group_by_length = packing, group_by_length
-        self.mask_dtype = mask_dtype
+        self.mask_dtype, self.segments = mask_dtype, segments
         lengths = [len(e.input_ids) for e in examples]
         if packing:
             capacity = max_length or max(lengths, default=1)
@@ -153,7 +173,7 @@ class Batches:
     def collate(self, batch: list[int]) -> dict[str, torch.Tensor]:
         if self.packing:
             rows = [[self.examples[i] for i in self.rows[r]] for r in batch]
-            return packed_collate(rows, self.pad_id, self.mask_dtype)
+            return packed_collate(rows, self.pad_id, self.mask_dtype, self.segments)
         return pad_collate([self.examples[self.rows[r][0]] for r in batch], self.pad_id)
 
     def stream(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:

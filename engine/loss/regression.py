@@ -164,10 +164,41 @@ class CERegression:
 
     # -- the loss -----------------------------------------------------------------------
     def __call__(self, hidden, labels, lm_head, batch=None):
-        import torch
         import torch.nn.functional as F
 
         ce, parts = self.ce(hidden, labels, lm_head, batch)
+        found, pred, missing = self.predict(hidden, labels, lm_head)
+        parts.update(reg_values=len(found), reg_missing=missing)
+        if pred is None:
+            parts["reg"] = 0.0
+            return ce, parts
+        target = pred.new_tensor([t.value for _, _, t in found])
+        if self.spec.error == "mse":
+            reg = F.mse_loss(pred, target)
+        elif self.spec.error == "mae":
+            reg = F.l1_loss(pred, target)
+        else:
+            reg = F.huber_loss(pred, target, delta=self.spec.huber_delta)
+        parts.update(reg=reg.detach().item(), reg_abs_err=(pred - target).abs().mean().item())
+        return ce + self.spec.weight * reg, parts
+
+    def read(self, hidden, labels, lm_head) -> list[float | None]:
+        """Per row: the expected value of the (last) answer's number, or None if it has none.
+
+        The same quantity the loss trains, read at evaluation time with the model's own
+        answer as ``labels``: for squared error it is the Bayes-optimal point prediction,
+        where greedy text picks the single likeliest digits (engine/evaluation/numeric.py).
+        """
+        found, pred, _ = self.predict(hidden, labels, lm_head)
+        out: list[float | None] = [None] * labels.shape[0]
+        for (b, _, _), v in zip(found, pred.tolist() if pred is not None else [], strict=True):
+            out[b] = v
+        return out
+
+    def predict(self, hidden, labels, lm_head):
+        """(found [(row, answer start, Target)], expected values [len(found)] or None, missing count)."""
+        import torch
+
         found, missing = [], 0
         for b in range(labels.shape[0]):
             for start, ids in _answers(labels[b]):
@@ -177,10 +208,8 @@ class CERegression:
                     missing += 1
                     continue
                 found.append((b, start, target))
-        parts.update(reg_values=len(found), reg_missing=missing)
         if not found:
-            parts["reg"] = 0.0
-            return ce, parts
+            return found, None, missing
 
         # Gather the hidden states that predict sign and digit tokens; project only those.
         rows, cols = [], []
@@ -205,16 +234,7 @@ class CERegression:
                 magnitude = magnitude + (p * values).sum() * scale
                 k += 1
             preds.append((1 - 2 * p_minus) * magnitude)
-        pred = torch.stack(preds)
-        target = pred.new_tensor([t.value for _, _, t in found])
-        if self.spec.error == "mse":
-            reg = F.mse_loss(pred, target)
-        elif self.spec.error == "mae":
-            reg = F.l1_loss(pred, target)
-        else:
-            reg = F.huber_loss(pred, target, delta=self.spec.huber_delta)
-        parts.update(reg=reg.detach().item(), reg_abs_err=(pred - target).abs().mean().item())
-        return ce + self.spec.weight * reg, parts
+        return found, torch.stack(preds), missing
 
     def _ids(self, key, ids: list[int], device):
         if (key, device) not in self._tensors:

@@ -91,6 +91,8 @@ def evaluate_one(ctx, model, tok, variant, examples, prompts, refs, suites, *, e
     result_backend: dict = {}
     preds = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, desc=f"generate ({variant})", **gen)
     metrics = score(cfg.metrics, preds, refs, tolerance=cfg.numeric.tolerance, pattern=cfg.numeric.pattern)
+    if cfg.numeric.expected_value:
+        metrics.update(expected_value_scores(ctx, model, tok, examples, preds, refs))
     if "cosine" in cfg.metrics:
         from engine.evaluation.embeddings import cosine_scores
 
@@ -126,6 +128,29 @@ def evaluate_one(ctx, model, tok, variant, examples, prompts, refs, suites, *, e
             model, tok, cfg.lm_eval, work_dir=ctx.run_dir / "lm_eval_tasks", batch_size=cfg.batch_size
         )
     return result, preds, rows
+
+
+def expected_value_scores(ctx, model, tok, examples, preds, refs) -> dict:
+    """The numeric metrics again, of the expected value read at the number in each answer (suffix _ev)."""
+    from engine.evaluation.numeric import expected_values, reader_for
+    from engine.metrics import NUMERIC, score
+
+    cfg, acc = ctx.cfg.eval, ctx.accelerator
+    values = expected_values(
+        model,
+        tok,
+        ctx.data.template,
+        examples,
+        preds,
+        reader_for(ctx.cfg.loss, tok),
+        batch_size=cfg.batch_size,
+        device=acc.device,
+        autocast=acc.autocast,
+    )
+    texts = ["" if v is None else f"{v:.6f}" for v in values]
+    names = [n for n in cfg.metrics if n in NUMERIC and n != "parse_rate"]
+    scores = score(names, texts, refs, tolerance=cfg.numeric.tolerance, pattern=None)
+    return {f"{k}_ev": v for k, v in scores.items() if k in names}
 
 
 def variants(ctx, model):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from engine.stages import STAGES
 
-LOWER_IS_BETTER = {"perplexity", "mae", "rmse"}
-UNIT_SCALE = {"exact_match", "token_f1", "bleu", "rougeL", "cosine", "within_tol", "parse_rate"}
+LOWER_IS_BETTER = {"perplexity", "mae", "rmse", "mae_ev", "rmse_ev"}
+UNIT_SCALE = {"exact_match", "token_f1", "bleu", "rougeL", "cosine", "within_tol", "parse_rate", "within_tol_ev"}
 
 
 @dataclass
@@ -139,6 +139,9 @@ def _evaluation(cfg, ev: dict) -> list[Block]:
     if ev.get("cosine_backend"):
         note.append(f"Cosine similarity by {ev['cosine_backend']}.")
     out += [Block("p", " ".join(note)), _compare_table(names, tuned, base)]
+    if cfg.eval.compare_run:
+        out += _versus_run(cfg.eval.compare_run, split, names, tuned)
+    out += [Block("p", text) for text in cfg.eval.notes]
     unit = [k for k in names if k in UNIT_SCALE and isinstance(tuned.get(k), int | float)]
     if unit:
         png = metric_bars(unit, [base.get(k) for k in unit], [tuned.get(k) for k in unit], f"{split} split")
@@ -150,6 +153,30 @@ def _evaluation(cfg, ev: dict) -> list[Block]:
         b = (base_all.get("lm_eval") or {}).get(task, {})
         out += [Block("h2", f"lm-eval: {task}"), _compare_table(list(metrics), metrics, b)]
     return out
+
+
+def _versus_run(run: str, split: str, names: list[str], tuned: dict) -> list[Block]:
+    """This run's fine-tuned metrics beside another finished run's (same split and metric names)."""
+    path = Path(run).expanduser() / "metrics.json"
+    try:
+        other_all = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return [Block("p", f"eval.compare_run: could not read {path} ({e}); no comparison.")]
+    other = other_all.get("evaluate", {}).get(split, {})
+    cfg_path = Path(run).expanduser() / "config.yaml"
+    what = ""
+    if cfg_path.is_file():
+        import yaml
+
+        c = yaml.safe_load(cfg_path.read_text()) or {}
+        what = f" (loss {c.get('loss', {}).get('kind')}, {c.get('train', {}).get('max_steps')} steps, seed {c.get('seed')})"
+    steps = other_all.get("train", {}).get("steps")
+    rows = [[k, _fmt(other.get(k)), _fmt(tuned.get(k)), _change(k, other.get(k), tuned.get(k))] for k in names if k in other]
+    return [
+        Block("h2", "This run vs the comparison run"),
+        Block("p", f"Comparison run `{run}`{what}; {steps} training steps; same {split} split and metrics."),
+        Block("table", header=["metric", "comparison run", "this run", "change"], rows=rows),
+    ]
 
 
 def _samples(ctx, n: int) -> list[Block]:

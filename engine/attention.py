@@ -1,0 +1,90 @@
+"""Attention over packed rows, one causal block per example (``sdpa_segments``).
+
+Why: a packed row holds several examples; they must not attend to each other. A 4D
+block-diagonal mask does that, but with a mask PyTorch's SDPA falls back to its generic
+path: it materialises [batch, heads, T, T] scores for every layer and computes all of
+them, including the cross-example blocks that the mask then throws away (at T=512 with
+~80-token examples that is ~6x the useful attention work, and gigabytes of saved
+activations). Here each example's span gets its own causal SDPA call instead: no mask
+tensor, only the diagonal blocks computed, and the fused causal kernel used.
+
+Registered with transformers' AttentionInterface under ``sdpa_segments``; a model set to
+it behaves exactly like ``sdpa`` unless the forward call carries ``segment_lengths``
+([rows, max segments] token counts per example, 0 = none; padding after the last one),
+which engine/data/collate.py's packed_collate writes and the trainer passes through.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "sdpa_segments"
+_registered = False
+
+
+def register() -> None:
+    """Make ``sdpa_segments`` known to transformers (attention + the sdpa mask builder)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, segment_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    _registered = True
+
+
+def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, segment_lengths=None, **kwargs):
+    """Causal SDPA per packed example; plain ``sdpa`` when the call has no ``segment_lengths``.
+
+    query [B, H, T, D], key/value [B, Hkv, T, D] -> ([B, T, H, D], None), like transformers' sdpa.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if segment_lengths is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: one K/V head serves `groups` query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    t = query.shape[2]
+    rows = []
+    for b, lengths in enumerate(segment_lengths.tolist()):
+        sizes = [n for n in lengths if n > 0]
+        pad = t - sum(sizes)
+        # split (not slicing): its backward writes every piece's gradient into one buffer.
+        pieces = [x[b : b + 1].split(sizes + ([pad] if pad else []), dim=2) for x in (query, key, value)]
+        parts = [
+            F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+            for q, k, v in zip(*(p[: len(sizes)] for p in pieces), strict=True)
+        ]
+        if pad:  # padding after the last example: its output is never used (labels -100)
+            parts.append(query.new_zeros(1, query.shape[1], pad, value.shape[-1]))
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_segments(model) -> bool:
+    """Switch an ``sdpa`` model to ``sdpa_segments`` (returns whether the model now uses it).
+
+    Models on another implementation (eager, flash-attention) keep it; packing then uses
+    the 4D block-diagonal mask, which every implementation understands.
+    """
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == NAME:
+        return True
+    if current != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    register()
+    model.set_attn_implementation(NAME)
+    return model.config._attn_implementation == NAME
+
+
+def restore_sdpa(model) -> None:
+    """Back to plain ``sdpa`` (generation and saved configs never see ``sdpa_segments``)."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME:
+        model.set_attn_implementation("sdpa")

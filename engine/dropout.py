@@ -1,0 +1,88 @@
+"""Dropout that draws only where it drops: the same distribution, ~10x less random numbers.
+
+Why: LoRA puts dropout on the input of every adapted projection (7 per layer). On a CPU,
+``nn.Dropout`` draws one random number per element (mt19937, ~150 M/s on this machine's
+2 cores) and stores a full-size mask: measured at 17% of a SmolLM2-135M LoRA step, more
+than attention. With drop probability p, the dropped positions of an i.i.d. Bernoulli(p)
+mask are exactly a sequence whose gaps are Geometric(p): drawing the gaps needs only
+~p*n random numbers (5% of them at p=0.05), and backward needs only those positions.
+
+``GapDropout`` is an ``nn.Dropout`` (peft's isinstance checks and ``.p`` still hold), uses
+torch's global generator (so checkpoint RNG restore and seeds work as before) and falls
+back to ``nn.Dropout`` on CUDA, where the fused kernel is already cheap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+_BATCH_MIN = 64
+
+
+def drop_positions(n: int, p: float, device=None) -> torch.Tensor:
+    """Sorted flat indices in [0, n) that an i.i.d. Bernoulli(p) mask drops (int64)."""
+    if n == 0 or p <= 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    if p >= 1:
+        return torch.arange(n, device=device)
+    log_keep = math.log1p(-p)
+    mean = n * p
+    chunks, last = [], -1
+    while True:
+        # Enough gaps to pass n with overwhelming probability (mean + 6 sd); loop otherwise.
+        k = int(mean + 6 * math.sqrt(mean * (1 - p)) + _BATCH_MIN)
+        u = torch.rand(k, dtype=torch.float64, device=device)
+        gaps = torch.floor(torch.log1p(-u) / log_keep).long() + 1  # Geometric(p) on {1, 2, ...}
+        pos = last + torch.cumsum(gaps, 0)
+        if pos[-1] >= n:
+            chunks.append(pos[: int(torch.searchsorted(pos, n))])
+            break
+        chunks.append(pos)
+        last = int(pos[-1])
+        mean = (n - 1 - last) * p
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+
+class _Drop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p: float):
+        idx = drop_positions(x.numel(), p, x.device)
+        scale = 1.0 / (1.0 - p)
+        out = x * scale  # a new contiguous tensor
+        out.view(-1)[idx] = 0
+        ctx.save_for_backward(idx)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        g = grad * ctx.scale
+        g.view(-1)[idx] = 0
+        return g, None
+
+
+class GapDropout(nn.Dropout):
+    """``nn.Dropout(p)`` with geometric-gap sampling on CPU (identical in distribution)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.is_cuda or self.inplace:
+            return super().forward(x)
+        return _Drop.apply(x, self.p)
+
+
+def use_gap_dropout(model) -> int:
+    """Swap every LoRA dropout (``lora_dropout`` ModuleDicts) to ``GapDropout``; returns how many."""
+    n = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if not isinstance(drops, nn.ModuleDict):
+            continue
+        for key, d in list(drops.items()):
+            if type(d) is nn.Dropout and d.p > 0:
+                drops[key] = GapDropout(d.p)
+                n += 1
+    return n
