@@ -268,7 +268,7 @@ def train(ctx) -> dict:
     finally:
         from engine.attention import restore_sdpa
 
-        restore_sdpa(model)
+        restore_sdpa(_unwrap(model))
         stop.restore()
         progress.close()
         if log:
