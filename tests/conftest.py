@@ -16,6 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 ASSETS = ROOT / "tests" / "assets"
 TINY = ["model=tiny"]
+# A few fast CPU training steps on the tiny model: small batches, no warm-up, a high lr so
+# parameters visibly move, fp32 so results do not depend on the machine's bf16 support.
+QUICK_TRAIN = [
+    *TINY,
+    "train.micro_batch_size=2",
+    "train.grad_accum=1",
+    "train.warmup_steps=0",
+    "train.lr=1e-2",
+    "device=cpu",
+    "precision=fp32",
+]
 
 
 def compose(overrides: list[str], check: bool = True):

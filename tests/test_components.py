@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from conftest import TINY, compose
+from conftest import QUICK_TRAIN, TINY, compose
 
 from engine.errors import ConfigError
 
@@ -25,16 +25,10 @@ INVALID = [c for c in COMBOS if c[:2] in REJECTED]
 
 # A short, numeric data set so ce_regression has values to regress on.
 QUICK = [
-    *TINY,
+    *QUICK_TRAIN,
     "data=env_numeric",
     "data.limit=24",
     "train.max_steps=2",
-    "train.micro_batch_size=2",
-    "train.grad_accum=1",
-    "train.warmup_steps=0",
-    "train.lr=1e-2",
-    "device=cpu",
-    "precision=fp32",
     "quantization.compute_dtype=float32",
 ]
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, compose
+from conftest import QUICK_TRAIN, TINY, compose
 from safetensors.torch import load_file
 
 from engine.adapter import load_stacked
@@ -19,18 +19,12 @@ def layered_run(tmp_path_factory):
 
     cfg = compose(
         [
-            *TINY,
+            *QUICK_TRAIN,
             "adapter=layered",
             "adapter.steps=[2,1,1]",
             "adapter.scales=[1.0,0.5,0.25]",
             "stages=[prepare_data,train_layered]",
             "data.limit=16",
-            "train.micro_batch_size=2",
-            "train.grad_accum=1",
-            "train.warmup_steps=0",
-            "train.lr=1e-2",
-            "device=cpu",
-            "precision=fp32",
         ]
     )
     run_dir = tmp_path_factory.mktemp("layered") / "run"

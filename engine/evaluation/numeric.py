@@ -43,25 +43,22 @@ def expected_values(
     max_length: int = 4096,
 ) -> list[float | None]:
     """Per example: the expected value of the number in ``answers[i]`` given its prompt (None: no number)."""
-    from engine.trainer import _unwrap
+    from engine.trainer import forward_loss
 
     model.eval()
-    lm_head = _unwrap(model).get_output_embeddings()
     rows = [
         tokenize(template, [*e.prompt_messages, {"role": "assistant", "content": a}], tokenizer, max_length, False)[0]
         for e, a in zip(examples, answers, strict=True)
     ]
+
+    # The training forward, reused: hidden states, then the reader instead of a loss.
+    def read(hidden, labels, lm_head, _batch):
+        return reader.read(hidden, labels, lm_head)
+
     out: list[float | None] = []
     for start in range(0, len(rows), batch_size):
         batch = pad_collate(rows[start : start + batch_size], tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast() if autocast else nullcontext():
-            hidden = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                output_hidden_states=True,
-                logits_to_keep=1,
-                use_cache=False,
-            ).hidden_states[-1]
-            out += reader.read(hidden, batch["labels"], lm_head)
+            out += forward_loss(model, batch, read)
     return out
