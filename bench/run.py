@@ -57,6 +57,9 @@ SHARED = {
 # Arms: framework + its own settings. "precision" is the precision the arm trains in.
 #   engine            engine's defaults (precision=auto -> fp32 on a CPU without native bf16)
 #   engine_packed     + data.packing (block-diagonal attention, no padding)
+#   engine_grouped    + data.group_by_length (batches of similar lengths, less padding)
+#   engine_compiled   packed + train.compile (regional torch.compile)
+#   *_unfused         the same with adapter.fused=false (PEFT's LoRA forward: before/after)
 #   engine_bf16       engine forced to bf16 autocast (for the fp32-vs-bf16 measurement)
 #   trl_default       SFTTrainer defaults for everything not matched: bf16=True,
 #                     gradient_checkpointing=True, no packing (use_cpu=True on a CPU)
@@ -66,6 +69,8 @@ SHARED = {
 ARMS: dict[str, dict] = {
     "engine": {"framework": "engine", "overrides": []},
     "engine_packed": {"framework": "engine", "overrides": ["data.packing=true"]},
+    "engine_unfused": {"framework": "engine", "overrides": ["adapter.fused=false"]},
+    "engine_packed_unfused": {"framework": "engine", "overrides": ["data.packing=true", "adapter.fused=false"]},
     "engine_grouped": {"framework": "engine", "overrides": ["data.group_by_length=true"]},
     "engine_compiled": {"framework": "engine", "overrides": ["data.packing=true", "train.compile=true"]},
     "engine_bf16": {"framework": "engine", "overrides": ["precision=bf16"]},

@@ -39,6 +39,9 @@ class LoraSpec(Spec):
     """Which biases train too (none keeps the adapter file small)."""
     modules_to_save: list[str] = []
     """Extra modules trained in full and saved with the adapter (e.g. ``lm_head``)."""
+    fused: bool = True
+    """Train each LoRA layer as one fused node on CPU (engine/fused_lora.py): same result,
+    fewer passes over activations; false = PEFT's own forward (for A/B comparisons)."""
 
 
 class LayeredSpec(LoraSpec):
@@ -78,11 +81,17 @@ def lora_config(spec: LoraSpec, method: str = "lora"):
     )
 
 
-def _fast_dropout(model):
-    """LoRA's input dropout drawn sparsely on CPU (engine/dropout.py: same distribution, ~6x cheaper)."""
+def _fast_cpu(model, spec: LoraSpec):
+    """LoRA's input dropout drawn sparsely (engine/dropout.py: same distribution, ~6x cheaper)
+    and, if ``spec.fused``, each LoRA layer one autograd node (engine/fused_lora.py); both
+    change only how the CPU computes, not what."""
     from engine.dropout import use_gap_dropout
 
     use_gap_dropout(model)
+    if spec.fused:
+        from engine.fused_lora import use_fused_lora
+
+        use_fused_lora(model)
     return model
 
 
@@ -91,7 +100,7 @@ def build_lora(spec: LoraSpec, *, model):
     """LoRA: low-rank updates on the target layers; the base stays frozen."""
     from peft import get_peft_model
 
-    return _fast_dropout(get_peft_model(model, lora_config(spec)))
+    return _fast_cpu(get_peft_model(model, lora_config(spec)), spec)
 
 
 @ADAPTERS.register("dora", LoraSpec)
@@ -99,7 +108,7 @@ def build_dora(spec: LoraSpec, *, model):
     """DoRA: LoRA direction plus a trained magnitude per output feature."""
     from peft import get_peft_model
 
-    return _fast_dropout(get_peft_model(model, lora_config(spec, "dora")))
+    return _fast_cpu(get_peft_model(model, lora_config(spec, "dora")), spec)
 
 
 @ADAPTERS.register("rslora", LoraSpec)
@@ -107,7 +116,7 @@ def build_rslora(spec: LoraSpec, *, model):
     """Rank-stabilised LoRA: scale alpha / sqrt(r), so large ranks keep learning."""
     from peft import get_peft_model
 
-    return _fast_dropout(get_peft_model(model, lora_config(spec, "rslora")))
+    return _fast_cpu(get_peft_model(model, lora_config(spec, "rslora")), spec)
 
 
 @ADAPTERS.register("none", NoAdapterSpec)
@@ -130,7 +139,7 @@ def build_layered(spec: LayeredSpec, *, model):
     """Layered LoRA: level 1 here; the train_layered stage adds and trains the next levels."""
     from peft import get_peft_model
 
-    return _fast_dropout(get_peft_model(model, lora_config(spec, spec.method), adapter_name=level_name(1)))
+    return _fast_cpu(get_peft_model(model, lora_config(spec, spec.method), adapter_name=level_name(1)), spec)
 
 
 def add_level(model, spec: LayeredSpec, level: int) -> None:
@@ -142,7 +151,7 @@ def add_level(model, spec: LayeredSpec, level: int) -> None:
     name = level_name(level)
     if name not in model.peft_config:
         model.add_adapter(name, lora_config(spec, spec.method))
-        _fast_dropout(model)
+        _fast_cpu(model, spec)
     model.base_model.set_adapter([level_name(k) for k in range(1, level + 1)])
     for pname, p in model.named_parameters():
         p.requires_grad_(f".{name}." in pname)
