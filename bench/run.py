@@ -60,6 +60,7 @@ SHARED = {
 #   engine_grouped    + data.group_by_length (batches of similar lengths, less padding)
 #   engine_compiled   packed + train.compile (regional torch.compile)
 #   *_unfused         the same with adapter.fused=false (PEFT's LoRA forward: before/after)
+#   engine_packed_prev  packed as it was before fused LoRA and train.keep_freed_memory
 #   engine_bf16       engine forced to bf16 autocast (for the fp32-vs-bf16 measurement)
 #   trl_default       SFTTrainer defaults for everything not matched: bf16=True,
 #                     gradient_checkpointing=True, no packing (use_cpu=True on a CPU)
@@ -71,6 +72,10 @@ ARMS: dict[str, dict] = {
     "engine_packed": {"framework": "engine", "overrides": ["data.packing=true"]},
     "engine_unfused": {"framework": "engine", "overrides": ["adapter.fused=false"]},
     "engine_packed_unfused": {"framework": "engine", "overrides": ["data.packing=true", "adapter.fused=false"]},
+    "engine_packed_prev": {
+        "framework": "engine",
+        "overrides": ["data.packing=true", "adapter.fused=false", "train.keep_freed_memory=false"],
+    },
     "engine_grouped": {"framework": "engine", "overrides": ["data.group_by_length=true"]},
     "engine_compiled": {"framework": "engine", "overrides": ["data.packing=true", "train.compile=true"]},
     "engine_bf16": {"framework": "engine", "overrides": ["precision=bf16"]},

@@ -32,6 +32,7 @@ from engine import checkpoint as ckpt_io
 from engine.data.collate import Batches
 from engine.errors import ConfigError, UserError
 from engine.loss import LOSSES
+from engine.runtime import keep_freed_memory
 
 CORE_KEYS = ("step", "loss", "lr", "tokens", "tokens_per_s")
 
@@ -175,6 +176,8 @@ def train(ctx) -> dict:
     # 2. Optimizer and schedule over the trainable parameters only. The scheduler is not
     #    given to accelerate: it would step it num_processes times per optimizer step.
     params = [p for p in model.parameters() if p.requires_grad]
+    if tcfg.keep_freed_memory and acc.device.type == "cpu":
+        keep_freed_memory()
     if tcfg.compile:
         compile_blocks(model)
     optimizer = make_optimizer(tcfg, params, acc.device.type)
