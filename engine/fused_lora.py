@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from engine.dropout import drop_positions
+from engine.dropout import drop_positions, zero_at
 
 
 def _dropped(x2d: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -37,8 +37,7 @@ def _dropped(x2d: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     if idx is None:
         return x2d
     out = x2d.clone(memory_format=torch.contiguous_format)
-    out.view(-1)[idx] = 0
-    return out
+    return zero_at(out, idx)
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -68,7 +67,7 @@ class _LoraLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = gh @ lora_a
             if idx is not None:
-                grad_x.view(-1)[idx] = 0
+                zero_at(grad_x, idx)
             grad_x.addmm_(g, weight)
             grad_x = grad_x.view(ctx.x_shape)
         return grad_x, None, None, grad_a, grad_b, None, None
