@@ -14,7 +14,6 @@ prompt and padding positions would cost more memory and time than the rest of th
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from engine.registry import Registry, Spec
@@ -35,6 +34,7 @@ class CrossEntropy:
 
     def __call__(self, hidden, labels, lm_head, batch: dict[str, Any] | None = None):
         import torch
+        import torch.nn.functional as F
 
         # Position t predicts token t+1.
         h = hidden[:, :-1, :]
@@ -47,52 +47,9 @@ class CrossEntropy:
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, n, self.chunk_size):
             logits = lm_head(h[i : i + self.chunk_size]).float()
-            total = total + summed_ce(logits, y[i : i + self.chunk_size])
+            total = total + F.cross_entropy(logits, y[i : i + self.chunk_size], reduction="sum")
         loss = total / n
         return loss, {"ce": loss.detach().item(), "tokens": n}
-
-
-def summed_ce(logits, targets):
-    """``F.cross_entropy(logits, targets, reduction="sum")`` whose backward needs no new
-    [rows, vocab] tensors: it turns the saved log-probabilities into softmax - onehot in place.
-
-    Why: torch's backward allocates a zero [rows, vocab] gradient, scatters into it, then runs
-    log_softmax's backward into a second one; at a 49k vocabulary that is ~200 MB written
-    twice per 1k labelled tokens, ~4% of a CPU LoRA step (bench/RESULTS.md). Same values.
-    """
-    import torch
-
-    if not torch.is_grad_enabled() or not logits.requires_grad:
-        import torch.nn.functional as F
-
-        return F.cross_entropy(logits, targets, reduction="sum")
-    return _summed_ce_fn().apply(logits, targets)
-
-
-@functools.cache
-def _summed_ce_fn():
-    """The autograd Function, built on first use (importing engine.loss stays torch-free)."""
-    import torch
-
-    class SummedCE(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, logits, targets):
-            logp = torch.log_softmax(logits, -1)
-            ctx.save_for_backward(logp, targets)
-            ctx.spent = False
-            return -logp.gather(1, targets[:, None]).sum()
-
-        @staticmethod
-        def backward(ctx, grad):
-            if ctx.spent:
-                raise RuntimeError("summed_ce's backward reuses its saved tensor in place: it runs once (no retain_graph)")
-            ctx.spent = True
-            logp, targets = ctx.saved_tensors
-            p = logp.exp_()  # softmax, in the saved buffer
-            p[torch.arange(targets.numel(), device=p.device), targets] -= 1
-            return p.mul_(grad), None
-
-    return SummedCE
 
 
 @LOSSES.register("ce", CESpec)
