@@ -53,23 +53,24 @@ def zero_at(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def dropped(x: torch.Tensor, idx: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """A new tensor: ``x * scale`` with the flat positions ``idx`` zeroed (one pass over ``x``)."""
+    out = (x * scale).contiguous() if scale != 1.0 else x.clone(memory_format=torch.contiguous_format)
+    return zero_at(out, idx)
+
+
 class _Drop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p: float):
         idx = drop_positions(x.numel(), p, x.device)
-        scale = 1.0 / (1.0 - p)
-        out = x * scale  # a new contiguous tensor
-        zero_at(out, idx)
         ctx.save_for_backward(idx)
-        ctx.scale = scale
-        return out
+        ctx.scale = 1.0 / (1.0 - p)
+        return dropped(x, idx, ctx.scale)
 
     @staticmethod
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
-        g = grad * ctx.scale
-        zero_at(g, idx)
-        return g, None
+        return dropped(grad, idx, ctx.scale), None
 
 
 class GapDropout(nn.Dropout):

@@ -29,15 +29,12 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from engine.dropout import drop_positions, zero_at
+from engine.dropout import drop_positions, dropped, zero_at
 
 
 def _dropped(x2d: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     """``x2d`` with the flat positions ``idx`` zeroed (a copy), or ``x2d`` itself if none."""
-    if idx is None:
-        return x2d
-    out = x2d.clone(memory_format=torch.contiguous_format)
-    return zero_at(out, idx)
+    return x2d if idx is None else dropped(x2d, idx)
 
 
 class _LoraLinearFn(torch.autograd.Function):
