@@ -76,6 +76,7 @@ ARMS: dict[str, dict] = {
         "framework": "engine",
         "overrides": ["data.packing=true", "adapter.fused=false", "train.keep_freed_memory=false"],
     },
+    "engine_packed_thp": {"framework": "engine", "overrides": ["data.packing=true"], "env": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}},
     "engine_grouped": {"framework": "engine", "overrides": ["data.group_by_length=true"]},
     "engine_compiled": {"framework": "engine", "overrides": ["data.packing=true", "train.compile=true"]},
     "engine_bf16": {"framework": "engine", "overrides": ["precision=bf16"]},
@@ -181,6 +182,7 @@ def launch(job: dict, timeout: int) -> dict:
         job = {**job, "run_dir": str(Path(tmp) / "run")}
         log = Path(job["run_dir"]) / "train_log.jsonl"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+        env.update(ARMS[job["arm"]].get("env", {}))
         t0 = time.time()
         proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],

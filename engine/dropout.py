@@ -34,8 +34,11 @@ def drop_positions(n: int, p: float, device=None) -> torch.Tensor:
     while True:
         # Enough gaps to pass n with overwhelming probability (mean + 6 sd); loop otherwise.
         k = int(mean + 6 * math.sqrt(mean * (1 - p)) + _BATCH_MIN)
-        u = torch.rand(k, dtype=torch.float64, device=device)
-        gaps = torch.floor(torch.log1p(-u) / log_keep).long() + 1  # Geometric(p) on {1, 2, ...}
+        # Geometric(p) gaps on {1, 2, ...} by inversion, floor(log(1 - u) / log(1 - p)) + 1.
+        # float32 draws: half the cost of float64; u's 2^-24 grid moves each gap's
+        # probability by < 1e-6, far below what any training run could notice.
+        u = torch.rand(k, device=device)
+        gaps = u.neg_().log1p_().div_(log_keep).long().add_(1)
         pos = last + torch.cumsum(gaps, 0)
         if pos[-1] >= n:
             chunks.append(pos[: int(torch.searchsorted(pos, n))])
@@ -47,9 +50,13 @@ def drop_positions(n: int, p: float, device=None) -> torch.Tensor:
 
 
 def zero_at(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Zero the flat positions ``idx`` of contiguous ``t`` in place (scatter_: on CPU ~10x
-    cheaper than index_put, i.e. ``t.view(-1)[idx] = 0``, for a few % of the elements)."""
-    t.view(-1).scatter_(0, idx, 0.0)
+    """Zero the flat positions ``idx`` of contiguous ``t`` in place.
+
+    ``index_fill_`` rather than ``t.view(-1)[idx] = 0`` (index_put) or ``scatter_``: for a few %
+    of a [2048, 576] activation it took 0.11 ms here, against 0.33 ms for scatter_ and ~8 ms
+    for index_put, and it runs 600+ times per SmolLM2 LoRA step.
+    """
+    t.view(-1).index_fill_(0, idx, 0.0)
     return t
 
 

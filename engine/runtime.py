@@ -77,8 +77,13 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    # Trim threshold -1 means "never trim" (mallopt(3)). Any finite value is capped at 2 GiB
+    # by mallopt's int argument, and a heap that peaks near 8 GB (packed SmolLM2 steps) frees
+    # more than that at its top now and then: glibc handed ~2.4 GB back and the next step
+    # faulted it in again (~440k faults, ~1.7 s every few steps, measured here).
+    never = ctypes.c_int(-1)
     most = ctypes.c_int(2**31 - 1)
-    return bool(mallopt(m_trim_threshold, most)) and bool(mallopt(m_mmap_threshold, most))
+    return bool(mallopt(m_trim_threshold, never)) and bool(mallopt(m_mmap_threshold, most))
 
 
 def make_accelerator(device: str, precision: str, grad_accum: int = 1):
