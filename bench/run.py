@@ -61,10 +61,12 @@ SHARED = {
 #   engine_compiled   packed + train.compile (regional torch.compile)
 #   *_unfused         the same with adapter.fused=false (PEFT's LoRA forward: before/after)
 #   engine_packed_prev  packed as it was before fused LoRA and train.keep_freed_memory
+#   engine_packed_4k  packed without the huge-page heap (ENGINE_HUGE_PAGES=0): before/after
 #   engine_bf16       engine forced to bf16 autocast (for the fp32-vs-bf16 measurement)
 #   trl_default       SFTTrainer defaults for everything not matched: bf16=True,
 #                     gradient_checkpointing=True, no packing (use_cpu=True on a CPU)
 #   trl_fp32          TRL's fastest fp32 settings without packing: no checkpointing
+#   trl_fp32_hugetlb  trl_fp32 with the same glibc huge-page heap engine runs with
 #   trl_fp32_packing  + packing=True (BFD, padding-free)
 #   trl_bf16_packing  the same in bf16 autocast
 ARMS: dict[str, dict] = {
@@ -76,13 +78,18 @@ ARMS: dict[str, dict] = {
         "framework": "engine",
         "overrides": ["data.packing=true", "adapter.fused=false", "train.keep_freed_memory=false"],
     },
-    "engine_packed_thp": {"framework": "engine", "overrides": ["data.packing=true"], "env": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}},
+    "engine_packed_4k": {"framework": "engine", "overrides": ["data.packing=true"], "env": {"ENGINE_HUGE_PAGES": "0"}},
     "engine_grouped": {"framework": "engine", "overrides": ["data.group_by_length=true"]},
     "engine_compiled": {"framework": "engine", "overrides": ["data.packing=true", "train.compile=true"]},
     "engine_bf16": {"framework": "engine", "overrides": ["precision=bf16"]},
     "engine_fp32": {"framework": "engine", "overrides": ["precision=fp32"]},
     "trl_default": {"framework": "trl", "sft": {}},
     "trl_fp32": {"framework": "trl", "sft": {"bf16": False, "gradient_checkpointing": False}},
+    "trl_fp32_hugetlb": {
+        "framework": "trl",
+        "sft": {"bf16": False, "gradient_checkpointing": False},
+        "env": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    },
     "trl_fp32_packing": {"framework": "trl", "sft": {"bf16": False, "gradient_checkpointing": False, "packing": True}},
     "trl_bf16_packing": {"framework": "trl", "sft": {"bf16": True, "gradient_checkpointing": False, "packing": True}},
 }
@@ -183,6 +190,11 @@ def launch(job: dict, timeout: int) -> dict:
         log = Path(job["run_dir"]) / "train_log.jsonl"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
         env.update(ARMS[job["arm"]].get("env", {}))
+        if ARMS[job["arm"]]["framework"] == "engine":
+            from engine.runtime import huge_pages_env
+
+            # As `python -m engine` runs: it restarts itself with glibc's huge-page heap.
+            env = huge_pages_env(env) or env
         t0 = time.time()
         proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
@@ -380,6 +392,7 @@ def worker(job: dict) -> int:
         rec = run_trl_arm(overrides, arm["sft"], run_dir)
     rec.update(arm=job["arm"], rep=job["rep"], model=job["model"], steps=job["steps"])
     rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    rec["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES")
     import torch
 
     rec["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None

@@ -38,6 +38,19 @@ def _hydra_main() -> None:
     task()
 
 
+def relaunch_with_huge_pages() -> None:
+    """Re-execute this very command once with glibc's huge-page heap (see
+    engine.runtime.huge_pages_env for why and when); a no-op where it would change nothing."""
+    from engine.runtime import huge_pages_env
+
+    env = huge_pages_env(os.environ)
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, sys.orig_argv, env)
+
+
 if __name__ == "__main__":
+    relaunch_with_huge_pages()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -55,15 +55,19 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         pad = t - sum(sizes)
         # split (not slicing): its backward writes every piece's gradient into one buffer.
         pieces = [x[b : b + 1].split(sizes + ([pad] if pad else []), dim=2) for x in (query, key, value)]
+        # Each output is [1, H, n, D]; joined along tokens of its [1, n, H, D] view, the result
+        # is already the [1, T, H, D] layout returned: one copy instead of cat + transpose.
         parts = [
-            F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+            F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa).transpose(
+                1, 2
+            )
             for q, k, v in zip(*(p[: len(sizes)] for p in pieces), strict=True)
         ]
         if pad:  # padding after the last example: its output is never used (labels -100)
-            parts.append(query.new_zeros(1, query.shape[1], pad, value.shape[-1]))
-        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+            parts.append(query.new_zeros(1, pad, query.shape[1], value.shape[-1]))
+        rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].contiguous())
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-    return out.transpose(1, 2).contiguous(), None
+    return out, None
 
 
 def use_segments(model) -> bool:

@@ -15,6 +15,7 @@ maybe evaluate -> append to train_log.jsonl -> maybe checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -178,6 +179,12 @@ def train(ctx) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     if tcfg.keep_freed_memory and acc.device.type == "cpu":
         keep_freed_memory()
+    fused = contextlib.ExitStack()
+    if tcfg.fused_ops and acc.device.type == "cpu":
+        from engine.fused_ops import fused_rope, use_fused_rms_norm
+
+        use_fused_rms_norm(model)
+        fused.enter_context(fused_rope(model))
     if tcfg.compile:
         compile_blocks(model)
     optimizer = make_optimizer(tcfg, params, acc.device.type)
@@ -271,6 +278,7 @@ def train(ctx) -> dict:
     finally:
         from engine.attention import restore_sdpa
 
+        fused.close()
         restore_sdpa(_unwrap(model))
         stop.restore()
         progress.close()

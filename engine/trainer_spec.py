@@ -60,6 +60,9 @@ class TrainSpec(Strict):
     keep_freed_memory: bool = True
     """On a CPU (Linux/glibc): reuse freed big buffers instead of returning them to the OS each
     step (fewer page faults, ~8% faster packed training here; RSS stays at its peak)."""
+    fused_ops: bool = True
+    """On a CPU: RMSNorm (Llama family, frozen weight) and rotary embeddings as single autograd
+    nodes with hand-written backwards (engine/fused_ops.py): the same functions, 2-3x cheaper."""
     compile: bool = False
     """torch.compile each decoder block's MLP and norms (one graph, reused by every layer): fused
     elementwise kernels, paid for by a one-off compile of ~1 min (bench/RESULTS.md has the numbers)."""
