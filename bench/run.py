@@ -61,6 +61,7 @@ SHARED = {
 #   engine_compiled   packed + train.compile (regional torch.compile)
 #   *_unfused         the same with adapter.fused=false (PEFT's LoRA forward: before/after)
 #   engine_packed_prev  packed as it was before fused LoRA and train.keep_freed_memory
+#   engine_4k         engine defaults without the huge-page heap (ENGINE_HUGE_PAGES=0)
 #   engine_packed_4k  packed without the huge-page heap (ENGINE_HUGE_PAGES=0): before/after
 #   engine_bf16       engine forced to bf16 autocast (for the fp32-vs-bf16 measurement)
 #   trl_default       SFTTrainer defaults for everything not matched: bf16=True,
@@ -78,6 +79,7 @@ ARMS: dict[str, dict] = {
         "framework": "engine",
         "overrides": ["data.packing=true", "adapter.fused=false", "train.keep_freed_memory=false"],
     },
+    "engine_4k": {"framework": "engine", "overrides": [], "env": {"ENGINE_HUGE_PAGES": "0"}},
     "engine_packed_4k": {"framework": "engine", "overrides": ["data.packing=true"], "env": {"ENGINE_HUGE_PAGES": "0"}},
     "engine_grouped": {"framework": "engine", "overrides": ["data.group_by_length=true"]},
     "engine_compiled": {"framework": "engine", "overrides": ["data.packing=true", "train.compile=true"]},
