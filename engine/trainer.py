@@ -179,12 +179,11 @@ def train(ctx) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     if tcfg.keep_freed_memory and acc.device.type == "cpu":
         keep_freed_memory()
-    fused = contextlib.ExitStack()
-    if tcfg.fused_ops and acc.device.type == "cpu":
+    fuse = tcfg.fused_ops and acc.device.type == "cpu"
+    if fuse:
         from engine.fused_ops import fused_rope, use_fused_rms_norm
 
         use_fused_rms_norm(model)
-        fused.enter_context(fused_rope(model))
     if tcfg.compile:
         compile_blocks(model)
     optimizer = make_optimizer(tcfg, params, acc.device.type)
@@ -220,7 +219,10 @@ def train(ctx) -> dict:
         if not sharded:
             _save(ctx, model, optimizer, scheduler, state, cfg_hash)
 
+    fused = contextlib.ExitStack()  # rotary embeddings fused while the loop runs (restored in finally)
     try:
+        if fuse:
+            fused.enter_context(fused_rope(model))
         for step in range(state.step + 1, steps + 1):
             t0 = time.perf_counter()
             # 4. Forward/backward over grad_accum micro-batches (kept: an OOM retry reuses them).

@@ -139,3 +139,27 @@ def test_norms_with_other_maths_are_left_alone(name):
         pytest.skip("no gemma in this transformers")
     norm = GemmaRMSNorm(8)
     assert use_fused_rms_norm(norm) == 0 and type(norm).__name__ == name
+
+
+def test_the_trainer_fuses_on_cpu_trains_the_same_and_restores_rope(tmp_path):
+    """train.fused_ops: the same loss curve as the unfused run; the patch ends with training."""
+    import json
+
+    from accelerate.state import AcceleratorState
+    from conftest import QUICK_TRAIN, compose
+    from transformers.models.llama import modeling_llama
+
+    from engine.pipeline import run
+
+    original = modeling_llama.apply_rotary_pos_emb
+    curves, norms = {}, {}
+    for fused in (True, False):
+        cfg = compose([*QUICK_TRAIN, "stages=[prepare_data,train]", "train.max_steps=3", f"train.fused_ops={fused}"])
+        AcceleratorState._reset_state(reset_partial_state=True)
+        ctx = run(cfg, tmp_path / str(fused))
+        rows = (tmp_path / str(fused) / "train_log.jsonl").read_text().splitlines()
+        curves[fused] = [json.loads(r)["loss"] for r in rows]
+        norms[fused] = {type(m).__name__ for m in ctx.model().modules() if type(m).__name__.endswith("RMSNorm")}
+        assert modeling_llama.apply_rotary_pos_emb is original
+    assert norms[True] == {"FusedLlamaRMSNorm"} and norms[False] == {"LlamaRMSNorm"}
+    assert curves[True] == pytest.approx(curves[False], rel=1e-4)
