@@ -44,10 +44,14 @@ def relaunch_with_huge_pages() -> None:
     from engine.runtime import huge_pages_env
 
     env = huge_pages_env(os.environ)
-    if env is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
+    if env is None or not sys.executable:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
         os.execve(sys.executable, sys.orig_argv, env)
+    except OSError:
+        pass  # could not restart (unusual interpreter setup): run on with the default heap
 
 
 if __name__ == "__main__":

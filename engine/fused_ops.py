@@ -53,15 +53,15 @@ class _RMSNormFn(torch.autograd.Function):
         return gw.mul_(r).addcmul_(x, coef), None, None
 
 
+def _cpu_fp32(*tensors: torch.Tensor) -> bool:
+    """The case the hand-written nodes here are measured and tested for: every tensor fp32 on
+    the CPU, autocast off (anything else runs transformers' own code)."""
+    return not torch.is_autocast_enabled("cpu") and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
 def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     w = self.weight
-    if (
-        w.requires_grad
-        or hidden_states.dtype != torch.float32
-        or w.dtype != torch.float32
-        or hidden_states.device.type != "cpu"
-        or torch.is_autocast_enabled("cpu")
-    ):
+    if w.requires_grad or not _cpu_fp32(hidden_states, w):
         return super(type(self), self).forward(hidden_states)
     return _RMSNormFn.apply(hidden_states, w, self.variance_epsilon)
 
@@ -115,11 +115,10 @@ def _fused_apply_rotary(original):
         if (
             args
             or set(kwargs) - {"unsqueeze_dim"}
-            or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k, cos, sin))
             or cos.requires_grad
             or sin.requires_grad
             or q.shape[-1] % 2
-            or torch.is_autocast_enabled("cpu")
+            or not _cpu_fp32(q, k, cos, sin)
         ):
             return original(q, k, cos, sin, *args, **kwargs)
         dim = kwargs.get("unsqueeze_dim", 1)
@@ -136,9 +135,8 @@ def fused_rope(model: nn.Module):
     ``_RopeFn``. Only modeling modules whose ``apply_rotary_pos_emb`` is Llama's are touched."""
     from transformers.models.llama import modeling_llama
 
-    reference = inspect.getsource(
-        modeling_llama.apply_rotary_pos_emb.__dict__.get("original", modeling_llama.apply_rotary_pos_emb)
-    )
+    llama = modeling_llama.apply_rotary_pos_emb
+    reference = inspect.getsource(getattr(llama, "original", llama))
     patched = []
     for name in {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}:
         module = sys.modules.get(name)
