@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
+CONF = str(ROOT / "engine" / "conf")
 
 # What every arm shares. Matched on purpose; only the framework (and its own knobs) differ.
 SHARED = {
@@ -193,7 +193,7 @@ def launch(job: dict, timeout: int) -> dict:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
         env.update(ARMS[job["arm"]].get("env", {}))
         if ARMS[job["arm"]]["framework"] == "engine":
-            from engine.runtime import huge_pages_env
+            from engine.speed.memory import huge_pages_env
 
             # As `python -m engine` runs: it restarts itself with glibc's huge-page heap.
             env = huge_pages_env(env) or env
@@ -512,7 +512,7 @@ def length_stats(lengths: list[int]) -> dict:
 
 def run_engine_arm(overrides: list[str], run_dir: Path) -> dict:
     """engine's own path: compose + validate exactly as the CLI does, then the stage pipeline."""
-    import engine.trainer as trainer_mod
+    import engine.train.loop as trainer_mod
     from engine.cli import compose_and_validate
     from engine.config import register_resolvers
     from engine.pipeline import run

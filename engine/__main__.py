@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def main() -> None:
@@ -40,8 +40,8 @@ def _hydra_main() -> None:
 
 def relaunch_with_huge_pages() -> None:
     """Re-execute this very command once with glibc's huge-page heap (see
-    engine.runtime.huge_pages_env for why and when); a no-op where it would change nothing."""
-    from engine.runtime import huge_pages_env
+    engine.speed.memory.huge_pages_env for why and when); a no-op where it would change nothing."""
+    from engine.speed.memory import huge_pages_env
 
     env = huge_pages_env(os.environ)
     if env is None or not sys.executable:

@@ -8,25 +8,31 @@ names its full key, what is wrong, and the valid choices where the set is closed
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from omegaconf import OmegaConf
 from pydantic import BaseModel, ValidationError
 
+from engine.context import RunConfig
 from engine.errors import ConfigError
-from engine.evaluate_spec import EvalSpec
-from engine.registry import Registry, Spec, Strict, did_you_mean
-from engine.trainer_spec import TrainSpec
+from engine.evaluate.spec import EvalSpec
+from engine.registry import Registry, Strict, did_you_mean
+from engine.train.spec import TrainSpec
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 
 # Common names users type for our keys: suggested in "did you mean".
 SYNONYMS = {
-    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-    "learning_rate": "lr", "batch_size": "micro_batch_size", "steps": "max_steps",
-    "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "batch_size": "micro_batch_size",
+    "steps": "max_steps",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_epochs": "epochs",
 }
 
 
@@ -39,30 +45,11 @@ def register_resolvers() -> None:
 class TopSpec(Strict):
     recipe: str
     stages: list[str]
+    """The pipeline, in order (engine/stages/): at least one."""
     plugins: list[str] = []
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """The validated run: typed specs for every group plus the resolved dict."""
-
-    recipe: str
-    stages: list[str]
-    plugins: list[str]
-    seed: int
-    device: str
-    precision: str
-    model: Spec
-    quantization: Spec
-    adapter: Spec
-    loss: Spec
-    data: Spec
-    train: TrainSpec
-    eval: EvalSpec
-    raw: dict
 
 
 def registries() -> dict[str, Registry]:
@@ -100,6 +87,11 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     for i, stage in enumerate((top.stages if top else None) or []):
         if stage not in STAGES:
             problems.append(f"stages[{i}]: {STAGES.unknown_message(stage)}")
+    if top is not None and not top.stages:
+        problems.append(
+            "stages: empty, so the run would do nothing; list the stages to run, e.g. "
+            f"stages=[prepare_data,train,evaluate,report] (valid: {', '.join(STAGES.keys())})"
+        )
 
     specs: dict[str, Any] = {}
     for group, registry in groups.items():
@@ -109,12 +101,13 @@ def validate(raw: dict[str, Any]) -> RunConfig:
 
     if top is not None:
         _check_device(top, problems)
-    from engine.compat import cross_checks
+    from engine.checks import cross_checks, evaluated_run
 
     cross_checks(specs, top, problems)
     if problems:
         raise ConfigError(problems)
-    return RunConfig(**top.model_dump(), **specs, raw=raw)
+    cfg = RunConfig(**top.model_dump(), **specs, raw=raw)
+    return evaluated_run(cfg, validate) if cfg.eval.run_dir else cfg
 
 
 def _check_group(group: str, registry: Registry, node: Any, problems: list[str]):

@@ -1,32 +1,74 @@
-"""The run context: what stages share (config, run dir, accelerator, model, data, metrics)."""
+"""The run: the frozen config every stage reads, and the context stages share.
+
+``RunConfig`` is what validation (engine/config.py) produces: one typed spec per config
+group, frozen. ``RunContext`` is what the pipeline hands each stage: the config and run dir
+(both read-only), the accelerator, the prepared data, the model (built once, on first use)
+and the metrics so far. Its fields are declared here and nowhere else (``slots``): a stage
+cannot hang ad-hoc attributes on it or swap the config under the stages that follow.
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import write_text_atomic
-from engine.config import RunConfig
+from engine.files import write_json_atomic
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str))
+@dataclass(frozen=True)
+class EvaluatedRun:
+    """A finished run that this one evaluates again (``eval.run_dir``), resolved at validation."""
+
+    path: Path
+    adapter_dir: Path | None
+    """Its PEFT adapter (loaded onto the base), or None after a full fine-tune."""
+    base_model: Any = None
+    """After a full fine-tune: the original base's spec (the ``base`` variant of the comparison)."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class RunConfig:
+    """The validated run: typed specs for every group plus the resolved dict."""
+
+    recipe: str
+    stages: list[str]
+    plugins: list[str]
+    seed: int
+    device: str
+    precision: str
+    model: Any
+    quantization: Any
+    adapter: Any
+    loss: Any
+    data: Any
+    train: Any
+    eval: Any
+    raw: dict
+    evaluated_run: EvaluatedRun | None = None
+
+
+_FIXED = ("cfg", "run_dir")
+
+
+@dataclass(slots=True)
 class RunContext:
     cfg: RunConfig
+    """The validated config; read-only (stages that need a variant pass it to a package)."""
     run_dir: Path
+    """Where everything this run writes goes; read-only."""
     accelerator: Any
     metrics: dict = field(default_factory=dict)
+    """Every stage's metrics so far, nested by stage name (mirrors metrics.json)."""
     data: Any = None
     """The prepared ``DataBundle`` (set by prepare_data)."""
     _model: Any = None
     _tokenizer: Any = None
-    adapter_dir: Path | None = None
-    """A trained PEFT adapter to load onto the base instead of a fresh one (eval of a finished run)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FIXED and hasattr(self, name):
+            raise AttributeError(f"RunContext.{name} is read-only: pass a changed copy to the package that needs it")
+        object.__setattr__(self, name, value)
 
     @property
     def is_main(self) -> bool:
@@ -46,27 +88,14 @@ class RunContext:
     def model(self):
         """Base model (quantized as configured) with the adapter applied; built once."""
         if self._model is None:
-            from engine.adapter import ADAPTERS
-            from engine.model import MODELS
-            from engine.quantization import QUANTIZATIONS
+            from engine.adapter import build_for_run
 
-            cfg = self.cfg
-            qconfig = QUANTIZATIONS.build(cfg.quantization)
-            model, tok = MODELS.build(cfg.model, quantization_config=qconfig, progress=self.is_main)
-            if qconfig is not None:
-                from peft import prepare_model_for_kbit_training
-
-                model = prepare_model_for_kbit_training(
-                    model, use_gradient_checkpointing=cfg.model.gradient_checkpointing
-                )
-            elif cfg.model.gradient_checkpointing:
-                model.gradient_checkpointing_enable()
-                model.enable_input_require_grads()
-            if self.adapter_dir is not None:
-                from peft import PeftModel
-
-                self._model = PeftModel.from_pretrained(model, self.adapter_dir)
-            else:
-                self._model = ADAPTERS.build(cfg.adapter, model=model)
-            self._tokenizer = tok
+            evaluated = self.cfg.evaluated_run
+            self._model, self._tokenizer = build_for_run(
+                self.cfg.model,
+                self.cfg.quantization,
+                self.cfg.adapter,
+                adapter_dir=evaluated.adapter_dir if evaluated else None,
+                progress=self.is_main,
+            )
         return self._model

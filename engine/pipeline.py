@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from engine.config import RunConfig
-from engine.context import RunContext
+from engine.context import RunConfig, RunContext
 
 
 def run(cfg: RunConfig, run_dir: Path) -> RunContext:
@@ -17,7 +16,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunContext:
     ctx = RunContext(cfg=cfg, run_dir=run_dir, accelerator=accelerator)
     # Before any stage runs: decide resume (a changed config is refused before config.yaml,
     # the frozen record of what this run is, is rewritten), then rank 0 writes config.yaml.
-    from engine.checkpoint import prepare_run_dir
+    from engine.train.checkpoint import prepare_run_dir
 
     prepare_run_dir(cfg, run_dir, accelerator)
     _seed(cfg.seed)

@@ -37,6 +37,8 @@ class Entry:
     spec: type[Spec]
     builder: Callable[..., Any]
     summary: str
+    traits: frozenset[str] = frozenset()
+    """What validation may rely on without running it, e.g. a stage's ``trains``."""
 
 
 class Registry:
@@ -46,14 +48,18 @@ class Registry:
         self.group = group
         self._entries: dict[str, Entry] = {}
 
-    def register(self, key: str, spec: type[Spec] = Spec) -> Callable[[Callable], Callable]:
-        """Decorator: ``@ADAPTERS.register("lora", LoraSpec)`` on the builder."""
+    def register(self, key: str, spec: type[Spec] = Spec, *, traits: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+        """Decorator: ``@ADAPTERS.register("lora", LoraSpec)`` on the builder.
+
+        ``traits`` are facts the config checks use before anything runs, e.g.
+        ``STAGES.register("train", traits=("trains",))``: this stage produces trained weights.
+        """
 
         def deco(builder: Callable) -> Callable:
             if key in self._entries:
                 raise ValueError(f"{self.group} '{key}' is already registered")
             doc = (builder.__doc__ or "").strip().splitlines()
-            self._entries[key] = Entry(key, spec, builder, doc[0] if doc else "")
+            self._entries[key] = Entry(key, spec, builder, doc[0] if doc else "", frozenset(traits))
             return builder
 
         return deco

@@ -13,8 +13,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
+CONF = str(ROOT / "engine" / "conf")
 ASSETS = ROOT / "tests" / "assets"
+TINY_TOKENIZER = ROOT / "engine" / "assets" / "tiny_tokenizer"
 TINY = ["model=tiny"]
 # A few fast CPU training steps on the tiny model: small batches, no warm-up, a high lr so
 # parameters visibly move, fp32 so results do not depend on the machine's bf16 support.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, compose, run_engine
+from conftest import CONF, ROOT, TINY, compose, run_engine
 
 from engine.config import RunConfig
 from engine.errors import ConfigError
@@ -19,6 +19,10 @@ def test_recipes_exist():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_composes_and_validates(recipe):
+    if recipe == "eval_run":  # needs the run it evaluates: without one it says so at validation
+        with pytest.raises(ConfigError, match="eval.run_dir: not set"):
+            compose([f"recipe={recipe}", *TINY])
+        return
     cfg = compose([f"recipe={recipe}", *TINY])
     assert isinstance(cfg, RunConfig)
     assert cfg.recipe == recipe
@@ -116,5 +120,5 @@ def test_cli_prints_composed_config():
 
 
 def test_run_dir_pattern_is_recipe_then_timestamp():
-    text = (Path(ROOT) / "conf" / "config.yaml").read_text()
+    text = (Path(CONF) / "config.yaml").read_text()
     assert "dir: outputs/${hydra:runtime.choices.recipe}/${now:%Y-%m-%d_%H-%M-%S}" in text

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ASSETS, ROOT, compose, run_engine
+from conftest import ASSETS, ROOT, TINY_TOKENIZER, compose, run_engine
 
 from engine.data import DataError, prepare, split, tokenize
 from engine.data.shapes import SHAPES, normalize
@@ -25,7 +25,7 @@ IGNORE = -100
 def tok():
     from transformers import AutoTokenizer
 
-    t = AutoTokenizer.from_pretrained(ASSETS / "tiny_tokenizer")
+    t = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     t.pad_token = t.pad_token or t.eos_token
     return t
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ASSETS, ROOT
+from conftest import ROOT, TINY_TOKENIZER
 
 from engine.data import Example, prepare
 from engine.data.collate import Batches, pack, packed_collate, pad_collate
@@ -21,7 +21,7 @@ SMOLLM2 = Path.home() / ".cache" / "engine" / "models" / "SmolLM2-135M-Instruct.
 def tok():
     from transformers import AutoTokenizer
 
-    t = AutoTokenizer.from_pretrained(ASSETS / "tiny_tokenizer")
+    t = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     t.pad_token = t.pad_token or t.eos_token
     return t
 
@@ -78,7 +78,7 @@ def test_packed_loss_matches_unpacked_per_example(attn, bundle, tok):
 
 def test_segment_attention_matches_unpacked_loss_and_gradients(bundle, tok):
     """sdpa_segments (no mask tensor, causal SDPA per example) == each example alone, grads too."""
-    from engine.attention import NAME, restore_sdpa, use_segments
+    from engine.speed.attention import NAME, restore_sdpa, use_segments
 
     examples = bundle.splits["train"][:12]
     rows = [examples[0:5], examples[5:9], examples[9:12]]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.dropout import GapDropout, drop_positions, use_gap_dropout
+from engine.speed.dropout import GapDropout, drop_positions, use_gap_dropout
 
 
 def test_drop_positions_are_iid_bernoulli():

@@ -82,7 +82,11 @@ def test_default_run_dir_is_outputs_recipe_timestamp(tmp_path):
 
 def test_multirun_sweeps_any_key(tmp_path):
     proc = run_engine(
-        "-m", "model=tiny", "train.max_steps=1", "adapter.r=4,8", "stages=[prepare_data,train]",
+        "-m",
+        "model=tiny",
+        "train.max_steps=1",
+        "adapter.r=4,8",
+        "stages=[prepare_data,train]",
         f"hydra.sweep.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,8 +8,8 @@ import pytest
 from conftest import TINY, compose, run_engine
 
 from engine.errors import ConfigError, UserError
-from engine.evaluate_spec import DEFAULT_REFUSALS
-from engine.evaluation import suites as S
+from engine.evaluate import suites as S
+from engine.evaluate.spec import DEFAULT_REFUSALS
 
 # --- behaviour suites ----------------------------------------------------------------------
 
@@ -129,7 +129,7 @@ def tiny():
 
 def test_end_of_turn_comes_from_the_template(tiny):
     from engine.data.templates import CHATML
-    from engine.evaluation.generation import cut_at_stops, end_of_turn, stop_config
+    from engine.evaluate.generation import cut_at_stops, end_of_turn, stop_config
 
     _, tok = tiny
     assert end_of_turn(CHATML, tok) == "<|im_end|>"
@@ -139,7 +139,7 @@ def test_end_of_turn_comes_from_the_template(tiny):
 
 
 def test_generate_is_batched_and_keeps_order(tiny):
-    from engine.evaluation.generation import generate
+    from engine.evaluate.generation import generate
 
     model, tok = tiny
     prompts = [
@@ -157,7 +157,7 @@ def test_local_lm_eval_task_runs_on_tiny(tiny, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval==0.4.13)")
     from types import SimpleNamespace
 
-    from engine.evaluation import harness
+    from engine.evaluate import harness
 
     model, tok = tiny
     spec = SimpleNamespace(tasks=["envsci_mc"], limit=4, num_fewshot=None, include_path=None)
@@ -173,7 +173,7 @@ def test_unknown_lm_eval_task_says_what_exists(tiny, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed")
     from types import SimpleNamespace
 
-    from engine.evaluation import harness
+    from engine.evaluate import harness
 
     model, tok = tiny
     spec = SimpleNamespace(tasks=["envsci_mcq_typo"], limit=2, num_fewshot=None, include_path=None)

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from engine.dropout import use_gap_dropout
-from engine.fused_lora import FusedLoraLinear, use_fused_lora
+from engine.speed.dropout import use_gap_dropout
+from engine.speed.fused_lora import FusedLoraLinear, use_fused_lora
 
 
 def _pair(dropout: float, **lora):

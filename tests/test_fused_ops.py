@@ -1,4 +1,4 @@
-"""engine.fused_ops: the fused RMSNorm computes transformers' RMSNorm, forward and backward."""
+"""engine.speed.fused_ops: the fused RMSNorm computes transformers' RMSNorm, forward and backward."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.fused_ops import SAME_AS_LLAMA, fused_class, fused_rope, use_fused_rms_norm
+from engine.speed.fused_ops import SAME_AS_LLAMA, fused_class, fused_rope, use_fused_rms_norm
 
 
 def _norm(hidden: int = 48, eps: float = 1e-5):
@@ -36,7 +36,7 @@ def test_forward_and_input_gradient_match_the_original():
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
     # A second-order check on the hand-written backward, in float64 through the same formula.
-    from engine.fused_ops import _RMSNormFn
+    from engine.speed.fused_ops import _RMSNormFn
 
     x64 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     w64 = torch.randn(6, dtype=torch.float64)
@@ -112,7 +112,7 @@ def test_a_tiny_llama_trains_the_same_with_fused_norms_and_rope():
 def test_fused_rope_matches_transformers_and_its_gradient():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from engine.fused_ops import _fused_apply_rotary
+    from engine.speed.fused_ops import _fused_apply_rotary
 
     torch.manual_seed(0)
     q = torch.randn(2, 17, 4, 16).transpose(1, 2).requires_grad_()  # [B, H, T, D] views, as in attention

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ASSETS, TINY, compose
+from conftest import TINY, TINY_TOKENIZER, compose
 
 from engine.errors import ConfigError
 from engine.loss import LOSSES
@@ -15,7 +15,7 @@ from engine.loss.regression import RegressionSpec
 def tok():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(ASSETS / "tiny_tokenizer")
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
 
 
 def make_batch(tok, answers: list[str], prompt: str = "Rate it. "):
@@ -154,7 +154,7 @@ def test_expected_value_readout_on_a_model(tok):
 
     from engine.data import Example
     from engine.data.templates import template_source
-    from engine.evaluation.numeric import expected_values, reader_for
+    from engine.evaluate.numeric import expected_values, reader_for
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(
@@ -173,4 +173,3 @@ def test_expected_value_readout_on_a_model(tok):
     values = expected_values(model, tok, template, [ex, ex], ["Score: 0.42", "no number"], reader, batch_size=2, device="cpu")
     assert values[1] is None
     assert isinstance(values[0], float) and -10 < values[0] < 10
-

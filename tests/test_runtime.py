@@ -1,4 +1,4 @@
-"""engine.runtime.keep_freed_memory: a training-step-like allocation pattern stops page-faulting."""
+"""engine.speed.memory.keep_freed_memory: a training-step-like allocation pattern stops page-faulting."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 # minor page faults of the last of four steps.
 STEP = """
 import resource, sys, torch
-from engine.runtime import keep_freed_memory
+from engine.speed.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def faults():
@@ -46,7 +46,7 @@ def test_a_step_reuses_freed_memory_instead_of_faulting_it_in():
 
 
 def test_huge_pages_env_adds_the_tunable_once_and_respects_opt_out(monkeypatch):
-    from engine import runtime
+    from engine.speed import memory as runtime
 
     monkeypatch.setattr(runtime, "_glibc_at_least", lambda *v: True)
     monkeypatch.setattr(runtime, "_thp_mode", lambda: "madvise")
@@ -75,7 +75,7 @@ relaunch_with_huge_pages()
 
 
 def test_relaunch_reexecutes_the_same_command_once_with_the_tunable():
-    from engine.runtime import _glibc_at_least, _thp_mode
+    from engine.speed.memory import _glibc_at_least, _thp_mode
 
     if not (_glibc_at_least(2, 35) and _thp_mode() == "madvise"):
         pytest.skip("needs glibc >= 2.35 and THP in madvise mode")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import TINY, compose
 
-from engine import checkpoint as ck
 from engine.errors import ConfigError
-from engine.trainer import accumulate, lr_lambda
+from engine.train import checkpoint as ck
+from engine.train.loop import accumulate, lr_lambda
 
 
 def test_schedules_warm_up_then_follow_their_shape():

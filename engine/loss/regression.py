@@ -27,7 +27,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from engine.loss import LOSSES, CESpec, CrossEntropy
+from engine.loss.ce import LOSSES, CESpec, CrossEntropy
 
 _SHAPE = re.compile(r"(\s*)(-?)(\d+)")
 _MINUS = re.compile(r"\s*-\d*")

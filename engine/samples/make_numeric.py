@@ -27,21 +27,21 @@ OUT = Path(__file__).resolve().parent / "env_numeric.jsonl"
 # one outcome so its sign is never ambiguous.
 OUTCOMES: dict[str, tuple[list[str], list[str]]] = {
     "water quality": (
-        ["forest cover in the watershed", "wetland area", "the length of riparian buffer strips",
-         "wastewater treatment capacity"],
-        ["fertiliser use", "livestock numbers", "paved surface area", "the number of sewage overflows",
-         "manure spreading"],
+        [
+            "forest cover in the watershed",
+            "wetland area",
+            "the length of riparian buffer strips",
+            "wastewater treatment capacity",
+        ],
+        ["fertiliser use", "livestock numbers", "paved surface area", "the number of sewage overflows", "manure spreading"],
     ),
     "air quality": (
-        ["public transit ridership", "urban tree canopy", "the number of daily cycling trips",
-         "the electric bus fleet"],
-        ["car traffic", "coal power generation", "industrial smokestack emissions", "wood stove use",
-         "diesel truck traffic"],
+        ["public transit ridership", "urban tree canopy", "the number of daily cycling trips", "the electric bus fleet"],
+        ["car traffic", "coal power generation", "industrial smokestack emissions", "wood stove use", "diesel truck traffic"],
     ),
     "biodiversity": (
         ["protected area", "native habitat area", "hedgerow length", "wildflower margins on farms"],
-        ["pesticide use", "road density", "invasive species cover", "grazing pressure",
-         "artificial light at night"],
+        ["pesticide use", "road density", "invasive species cover", "grazing pressure", "artificial light at night"],
     ),
     "soil health": (
         ["cover crop planting", "compost application", "no-till area", "crop rotation diversity"],
@@ -53,15 +53,23 @@ OUTCOMES: dict[str, tuple[list[str], list[str]]] = {
     ),
     "ocean health": (
         ["marine protected area", "seagrass meadow area", "mangrove cover"],
-        ["fishing effort", "plastic waste entering the sea", "nutrient runoff to the coast",
-         "bottom trawling"],
+        ["fishing effort", "plastic waste entering the sea", "nutrient runoff to the coast", "bottom trawling"],
     ),
 }
 
 PLACES = [
-    "a river catchment", "a coastal city", "a farming district", "a mountain valley", "an island nation",
-    "a lowland watershed", "an industrial town", "a national park region", "a small country",
-    "a metropolitan area", "a delta region", "a rural county",
+    "a river catchment",
+    "a coastal city",
+    "a farming district",
+    "a mountain valley",
+    "an island nation",
+    "a lowland watershed",
+    "an industrial town",
+    "a national park region",
+    "a small country",
+    "a metropolitan area",
+    "a delta region",
+    "a rural county",
 ]
 
 UP = ["rises by", "increases by", "grows by", "goes up by", "expands by"]

@@ -5,21 +5,15 @@ so files move only once training on them has finished: a crashed run leaves the 
 as it was and can simply be run again.
 """
 
-from engine.errors import ConfigError
-from engine.stages import STAGES
+from engine.stages.registry import STAGES
 
 
 @STAGES.register("archive_documents")
 def archive_documents(ctx) -> dict:
     """Move the used documents (documents.json: usable) from data.path to data.archive_dir."""
     from engine.data.documents import archive
-    from engine.data.spec import DocumentsSpec
 
-    spec = ctx.cfg.data
-    if not isinstance(spec, DocumentsSpec) or not spec.archive_dir:
-        raise ConfigError("stages: archive_documents needs data=documents and data.archive_dir=<folder>")
-    if ctx.data is None:
-        raise ConfigError("stages: archive_documents must come after prepare_data (and train)")
+    spec = ctx.cfg.data  # validation (engine/checks.py) made sure: documents, archive_dir set, after training
     used = [d.file for d in ctx.data.documents if d.usable]
     moved = archive(spec, used) if ctx.is_main else []
     ctx.accelerator.wait_for_everyone()

@@ -14,13 +14,12 @@ Fine-tuned numbers land at evaluate.<split>.<metric>, base ones at evaluate.base
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 from pathlib import Path
 
-from engine.errors import ConfigError, UserError
-from engine.stages import STAGES
+from engine.stages.prepare_data import ensure_data
+from engine.stages.registry import STAGES
 
 
 @STAGES.register("evaluate")
@@ -28,23 +27,15 @@ def evaluate(ctx) -> dict:
     """Base vs fine-tuned: generation metrics, behaviour suites, lm-eval."""
     cfg = ctx.cfg.eval
     out: dict = {}
-    if cfg.run_dir and ctx.adapter_dir is None:
-        out["evaluated_run"] = adopt_run(ctx, Path(cfg.run_dir).expanduser().resolve())
-    elif not cfg.run_dir and "train" not in ctx.cfg.stages and ctx.cfg.adapter.kind != "none":
-        raise ConfigError(
-            "eval.run_dir: not set, and this run does not train, so there is no trained adapter to evaluate; "
-            "set eval.run_dir=outputs/<recipe>/<time> (a finished run), or use adapter=none to evaluate the base alone"
-        )
-    if ctx.data is None:
-        from engine.stages.prepare_data import prepare_data
-
-        ctx.record("prepare_data", prepare_data(ctx))
+    if ctx.cfg.evaluated_run is not None:  # eval.run_dir, resolved at validation (engine/checks.py)
+        out["evaluated_run"] = str(ctx.cfg.evaluated_run.path)
+    ensure_data(ctx)
     examples = ctx.data.splits[cfg.split][: cfg.max_examples]
     if not examples:
         return {"skipped": f"no examples in split '{cfg.split}'"}
 
-    from engine.evaluation import suites as suite_lib
-    from engine.evaluation.generation import stop_config
+    from engine.evaluate import suites as suite_lib
+    from engine.evaluate.generation import stop_config
 
     model, tok = ctx.accelerator.unwrap_model(ctx.model()), ctx.tokenizer()
     eos_ids, stops = stop_config(ctx.data.template, tok, cfg.stop)
@@ -76,8 +67,8 @@ def evaluate(ctx) -> dict:
 
 def evaluate_one(ctx, model, tok, variant, examples, prompts, refs, suites, *, eos_ids, stops) -> tuple[dict, list, list]:
     """All configured evaluations of one model variant; returns metrics, generations, suite rows."""
-    from engine.evaluation.generation import generate, reference_perplexity
-    from engine.metrics import score
+    from engine.evaluate.generation import generate, reference_perplexity
+    from engine.evaluate.metrics import score
 
     cfg, acc = ctx.cfg.eval, ctx.accelerator
     gen = {
@@ -94,7 +85,7 @@ def evaluate_one(ctx, model, tok, variant, examples, prompts, refs, suites, *, e
     if cfg.numeric.expected_value:
         metrics.update(expected_value_scores(ctx, model, tok, examples, preds, refs))
     if "cosine" in cfg.metrics:
-        from engine.evaluation.embeddings import cosine_scores
+        from engine.evaluate.embeddings import cosine_scores
 
         sims, backend = cosine_scores(preds, refs, cfg.embedding)
         metrics["cosine"] = round(sum(sims) / len(sims), 4)
@@ -109,7 +100,7 @@ def evaluate_one(ctx, model, tok, variant, examples, prompts, refs, suites, *, e
     rows: list[dict] = []
     if suites:
         from engine.data.templates import render
-        from engine.evaluation import suites as suite_lib
+        from engine.evaluate import suites as suite_lib
 
         answers = {}
         for suite in suites:
@@ -122,7 +113,7 @@ def evaluate_one(ctx, model, tok, variant, examples, prompts, refs, suites, *, e
             )
         result["suites"], rows = suite_lib.score(suites, answers, cfg.refusal_patterns)
     if cfg.lm_eval.tasks:
-        from engine.evaluation import harness
+        from engine.evaluate import harness
 
         result["lm_eval"] = harness.run(
             model, tok, cfg.lm_eval, work_dir=ctx.run_dir / "lm_eval_tasks", batch_size=cfg.batch_size
@@ -132,8 +123,8 @@ def evaluate_one(ctx, model, tok, variant, examples, prompts, refs, suites, *, e
 
 def expected_value_scores(ctx, model, tok, examples, preds, refs) -> dict:
     """The numeric metrics again, of the expected value read at the number in each answer (suffix _ev)."""
-    from engine.evaluation.numeric import expected_values, reader_for
-    from engine.metrics import NUMERIC, score
+    from engine.evaluate.metrics import NUMERIC, score
+    from engine.evaluate.numeric import expected_values, reader_for
 
     cfg, acc = ctx.cfg.eval, ctx.accelerator
     values = expected_values(
@@ -188,44 +179,15 @@ def _build_base(ctx):
     from engine.model import MODELS
     from engine.quantization import QUANTIZATIONS
 
-    spec = getattr(ctx, "base_model_spec", None) or ctx.cfg.model
+    evaluated = ctx.cfg.evaluated_run
+    spec = (evaluated.base_model if evaluated else None) or ctx.cfg.model
     model, _ = MODELS.build(spec, quantization_config=QUANTIZATIONS.build(ctx.cfg.quantization), progress=False)
     return model.to(ctx.accelerator.device)
 
 
-def adopt_run(ctx, run: Path) -> str:
-    """Make ``ctx`` evaluate the finished run at ``run``: its config, its trained weights.
-
-    The eval settings stay this run's (so ``eval.*`` overrides apply); model, data,
-    template and seed come from the finished run's config.yaml, so the split is identical.
-    """
-    from omegaconf import OmegaConf
-
-    from engine.config import validate
-
-    raw = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
-    try:
-        run_cfg = validate(raw)
-    except UserError as e:
-        raise UserError(f"eval.run_dir: {run}/config.yaml no longer validates: {e}") from None
-    if (run / "adapter" / "adapter_config.json").is_file():
-        ctx.adapter_dir = run / "adapter"
-    elif (run / "model" / "config.json").is_file():
-        from engine.model import HfSpec
-
-        ctx.base_model_spec = run_cfg.model
-        fields = {k: getattr(run_cfg.model, k) for k in ("dtype", "chat_template", "lora_targets", "attn_implementation")}
-        run_cfg = dataclasses.replace(run_cfg, model=HfSpec(kind="hf", name_or_path=str(run / "model"), **fields))
-    else:
-        raise UserError(f"eval.run_dir: {run} has no trained weights (adapter/ or model/); did its train stage finish?")
-    ctx.cfg = dataclasses.replace(run_cfg, eval=ctx.cfg.eval, stages=ctx.cfg.stages, recipe=ctx.cfg.recipe)
-    ctx.data, ctx._model, ctx._tokenizer = None, None, None
-    return str(run)
-
-
 def write_generations(path: Path, prompts, refs, generations: dict, split: str, results: dict) -> None:
     """One row per example: prompt, reference, each variant's answer and its ROUGE-L."""
-    from engine.metrics import rouge_l
+    from engine.evaluate.metrics import rouge_l
 
     with open(path, "w") as f:
         for i, (p, r) in enumerate(zip(prompts, refs, strict=True)):

@@ -1,6 +1,6 @@
 """prepare_data: read, clean, split and tokenize the configured data set."""
 
-from engine.stages import STAGES
+from engine.stages.registry import STAGES
 
 
 @STAGES.register("prepare_data")
@@ -36,3 +36,9 @@ def prepare_data(ctx) -> dict:
             flush=True,
         )
     return metrics
+
+
+def ensure_data(ctx) -> None:
+    """Run prepare_data first when the recipe's stage list leaves it out (train, evaluate ...)."""
+    if ctx.data is None:
+        ctx.record("prepare_data", prepare_data(ctx))

@@ -5,7 +5,8 @@ answer), and they are visible at a glance in the rendered text. Trained-on token
 wrapped in [[ ]]; everything outside is context only (label -100).
 """
 
-from engine.stages import STAGES
+from engine.stages.prepare_data import ensure_data
+from engine.stages.registry import STAGES
 
 OPEN, CLOSE = "[[", "]]"
 
@@ -33,10 +34,7 @@ def _piece(ids, trained, tokenizer) -> str:
 @STAGES.register("preview_data")
 def preview_data(ctx) -> dict:
     """Print data.preview rendered training examples (trained-on tokens in [[ ]]); preview.txt."""
-    if ctx.data is None:
-        from engine.stages.prepare_data import prepare_data
-
-        ctx.record("prepare_data", prepare_data(ctx))
+    ensure_data(ctx)
     tokenizer = ctx.tokenizer()
     examples = ctx.data.splits["train"][: ctx.cfg.data.preview]
     blocks = []

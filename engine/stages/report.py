@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.stages import STAGES
+from engine.stages.registry import STAGES
 
 LOWER_IS_BETTER = {"perplexity", "mae", "rmse", "mae_ev", "rmse_ev"}
 UNIT_SCALE = {"exact_match", "token_f1", "bleu", "rougeL", "cosine", "within_tol", "parse_rate", "within_tol_ev"}
@@ -33,7 +33,7 @@ def report(ctx) -> dict:
     """Write report.md and report.html (metrics table, plots, side-by-side generations)."""
     if not ctx.is_main:
         return {}
-    from engine.evaluation.html import to_html
+    from engine.report.html import to_html
 
     title = f"Run report: {ctx.cfg.recipe}"
     blocks = build(ctx)
@@ -80,7 +80,7 @@ def build(ctx) -> list[Block]:
         ]
     log = _train_log(ctx, ev)
     if log:
-        from engine.evaluation.plots import loss_curve
+        from engine.report.plots import loss_curve
 
         out.append(Block("img", "Training loss per optimizer step", png=loss_curve(*zip(*log, strict=True)), name="loss.png"))
     if ev and "skipped" not in ev:
@@ -126,7 +126,7 @@ def _compare_table(names, tuned: dict, base: dict) -> Block:
 
 
 def _evaluation(cfg, ev: dict) -> list[Block]:
-    from engine.evaluation.plots import metric_bars
+    from engine.report.plots import metric_bars
 
     split = cfg.eval.split
     tuned, base_all = ev.get(split, {}), ev.get("base", {})

@@ -1,15 +1,14 @@
-"""train: fine-tune the model (the loop itself is engine/trainer.py)."""
+"""train: fine-tune the model (the loop itself is engine/train/loop.py)."""
 
-from engine.stages import STAGES
+from engine.stages.prepare_data import ensure_data
+from engine.stages.registry import STAGES
 
 
-@STAGES.register("train")
+@STAGES.register("train", traits=("trains",))
 def train(ctx) -> dict:
     """Fine-tune with the configured adapter, loss and schedule; save the adapter."""
-    from engine.trainer import train as run
+    from engine.train.loop import TrainJob
+    from engine.train.loop import train as run
 
-    if ctx.data is None:
-        from engine.stages.prepare_data import prepare_data
-
-        ctx.record("prepare_data", prepare_data(ctx))
-    return run(ctx)
+    ensure_data(ctx)
+    return run(TrainJob(ctx.cfg, ctx.run_dir, ctx.accelerator, ctx.model(), ctx.tokenizer(), ctx.data))

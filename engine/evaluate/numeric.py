@@ -43,7 +43,7 @@ def expected_values(
     max_length: int = 4096,
 ) -> list[float | None]:
     """Per example: the expected value of the number in ``answers[i]`` given its prompt (None: no number)."""
-    from engine.trainer import forward_loss
+    from engine.loss import forward_loss
 
     model.eval()
     rows = [

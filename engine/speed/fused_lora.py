@@ -11,7 +11,7 @@ Here the same function is one node:
     backward  gh = (scaling / (1 - p)) * g B;  dB = (scaling / (1 - p)) * g^T h;  dA = gh^T drop(x)
               dx = drop(gh A) + g W   (the second GEMM accumulates into the first)
 
-``drop`` zeroes the positions ``engine.dropout.drop_positions`` draws from torch's global
+``drop`` zeroes the positions ``engine.speed.dropout.drop_positions`` draws from torch's global
 generator, exactly as ``GapDropout`` does in the same place, so a fused run consumes the same
 random numbers and trains the same model as an unfused one (equal up to float rounding);
 the dropped input is recomputed in backward rather than stored.
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from engine.dropout import drop_positions, dropped, zero_at
+from engine.speed.dropout import drop_positions, dropped, zero_at
 
 
 def _dropped(x2d: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Build tests/assets/tiny_tokenizer: a ~1k-vocab byte-level BPE for fast tests.
+"""Build engine/assets/tiny_tokenizer: a ~1k-vocab byte-level BPE for fast tests.
 
 The tokenizer is trained on the text in engine/samples (Q&A, chat, numeric
 rows and the plain-text documents). Special tokens mirror SmolLM2:
@@ -7,7 +7,7 @@ rows and the plain-text documents). Special tokens mirror SmolLM2:
 byte-level, every string encodes and decodes back exactly. A standard ChatML
 chat template is attached.
 
-Run from anywhere:  python tests/assets/make_tiny_tokenizer.py
+Run from anywhere:  python engine/assets/make_tiny_tokenizer.py
 """
 
 from __future__ import annotations

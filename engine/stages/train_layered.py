@@ -14,38 +14,34 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
-from engine.stages import STAGES
+from engine.stages.prepare_data import ensure_data
+from engine.stages.registry import STAGES
 
 
-@STAGES.register("train_layered")
+@STAGES.register("train_layered", traits=("trains",))
 def train_layered(ctx) -> dict:
     """Train adapter.levels LoRA levels one after another; save each as adapter/level_K."""
     from engine.adapter import add_level, level_name, set_scales
-    from engine.trainer import train as run
+    from engine.train.loop import TrainJob
+    from engine.train.loop import train as run
 
-    if ctx.data is None:
-        from engine.stages.prepare_data import prepare_data
-
-        ctx.record("prepare_data", prepare_data(ctx))
+    ensure_data(ctx)
     cfg, run_dir = ctx.cfg, ctx.run_dir
     spec = cfg.adapter
     model = ctx.model()
     out: dict = {}
-    try:
-        for level in range(1, spec.levels + 1):
-            add_level(model, spec, level)
-            steps = spec.steps[level - 1] if spec.steps else cfg.train.max_steps
-            # Per level: its own step count, data order and run sub-dir (so checkpoints and
-            # resume of one level never mix with another's).
-            ctx.cfg = dataclasses.replace(cfg, seed=cfg.seed + level - 1, train=cfg.train.model_copy(update={"max_steps": steps}))
-            ctx.run_dir = run_dir / "levels" / level_name(level)
-            if ctx.is_main:
-                ctx.run_dir.mkdir(parents=True, exist_ok=True)
-            metrics = run(ctx)
-            metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            out[level_name(level)] = metrics
-    finally:
-        ctx.cfg, ctx.run_dir = cfg, run_dir
+    for level in range(1, spec.levels + 1):
+        add_level(model, spec, level)
+        steps = spec.steps[level - 1] if spec.steps else cfg.train.max_steps
+        # Per level: its own step count, data order and run sub-dir (so checkpoints and
+        # resume of one level never mix with another's).
+        level_cfg = dataclasses.replace(cfg, seed=cfg.seed + level - 1, train=cfg.train.model_copy(update={"max_steps": steps}))
+        level_dir = run_dir / "levels" / level_name(level)
+        if ctx.is_main:
+            level_dir.mkdir(parents=True, exist_ok=True)
+        metrics = run(TrainJob(level_cfg, level_dir, ctx.accelerator, model, ctx.tokenizer(), ctx.data))
+        metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        out[level_name(level)] = metrics
 
     # The last level's save holds every level (PEFT writes one sub-dir per named adapter).
     final = run_dir / "adapter"

@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError
+from engine.files import fsync_dir as _fsync_dir
+from engine.files import fsync_file as _fsync
+from engine.files import write_text_atomic
 
 FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -290,31 +293,6 @@ def rotate(run_dir: Path, keep_last: int, protect: set[int]) -> None:
         doomed = ck.path.with_name(f".tmp-del-{ck.path.name}")
         os.replace(ck.path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
-        pass
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file, fsync, rename: a crash leaves the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def truncate_log(path: Path, step: int) -> int:

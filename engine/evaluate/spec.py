@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from engine.metrics import ALL
+from engine.evaluate.metrics import ALL
 from engine.registry import Strict
 
 Metric = Literal[ALL]  # type: ignore[valid-type]
@@ -101,7 +101,7 @@ class EvalSpec(Strict):
     @field_validator("suites")
     @classmethod
     def _suites_exist(cls, v: list[str]) -> list[str]:
-        from engine.evaluation.suites import resolve, shipped_names
+        from engine.evaluate.suites import resolve, shipped_names
 
         missing = [s for s in v if resolve(s) is None]
         if missing:

@@ -85,11 +85,11 @@ def _fast_cpu(model, spec: LoraSpec):
     """LoRA's input dropout drawn sparsely (engine/dropout.py: same distribution, ~6x cheaper)
     and, if ``spec.fused``, each LoRA layer one autograd node (engine/fused_lora.py); both
     change only how the CPU computes, not what."""
-    from engine.dropout import use_gap_dropout
+    from engine.speed.dropout import use_gap_dropout
 
     use_gap_dropout(model)
     if spec.fused:
-        from engine.fused_lora import use_fused_lora
+        from engine.speed.fused_lora import use_fused_lora
 
         use_fused_lora(model)
     return model
@@ -190,3 +190,28 @@ def load_stacked(base_model, adapter_dir: str | Path, levels: list[int], scales:
     set_scales(model, dict(zip(names, scales, strict=True)))
     model.eval()
     return model
+
+
+def build_for_run(model_spec, quant_spec, adapter_spec, *, adapter_dir: Path | None = None, progress: bool = True):
+    """The run's model: base (quantized as configured), prepared for training, with the adapter.
+
+    ``adapter_dir``: a trained PEFT adapter to load instead of a fresh one (evaluating a
+    finished run). Returns (model, tokenizer).
+    """
+    from engine.model import MODELS
+    from engine.quantization import QUANTIZATIONS
+
+    qconfig = QUANTIZATIONS.build(quant_spec)
+    model, tok = MODELS.build(model_spec, quantization_config=qconfig, progress=progress)
+    if qconfig is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_spec.gradient_checkpointing)
+    elif model_spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, adapter_dir), tok
+    return ADAPTERS.build(adapter_spec, model=model), tok

@@ -103,8 +103,7 @@ def reference_perplexity(model, examples, *, pad_id: int, batch_size: int, devic
     Uses each example's training labels, so exactly the tokens the model was trained to
     produce count (the answer and its end-of-turn marker), averaged over all of them.
     """
-    from engine.loss import CESpec, CrossEntropy
-    from engine.trainer import forward_loss
+    from engine.loss import CESpec, CrossEntropy, forward_loss
 
     # The training loss, reused: the vocabulary projection happens only at labelled positions.
     ce = CrossEntropy(CESpec(kind="ce"))

@@ -26,14 +26,15 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from engine import checkpoint as ckpt_io
 from engine.data.collate import Batches
 from engine.errors import ConfigError, UserError
-from engine.loss import LOSSES
-from engine.runtime import keep_freed_memory
+from engine.loss import LOSSES, forward_loss
+from engine.speed.memory import keep_freed_memory
+from engine.train import checkpoint as ckpt_io
 
 CORE_KEYS = ("step", "loss", "lr", "tokens", "tokens_per_s")
 
@@ -83,21 +84,6 @@ def total_steps(tcfg, n_micro_per_epoch: int) -> int:
     return max(1, math.ceil(tcfg.epochs * n_micro_per_epoch / tcfg.grad_accum))
 
 
-def forward_loss(model, batch: dict, loss_fn):
-    """One forward: hidden states from the model, loss only where labels are set."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch.get("position_ids"),
-        **({"segment_lengths": batch["segment_lengths"]} if "segment_lengths" in batch else {}),
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-    )
-    lm_head = _unwrap(model).get_output_embeddings()
-    return loss_fn(out.hidden_states[-1], batch["labels"], lm_head, batch)
-
-
 def compile_blocks(model) -> int:
     """torch.compile the MLP and norm modules of every decoder block (returns how many).
 
@@ -120,7 +106,7 @@ def _packing(data_spec, model) -> dict:
     Packed rows on an sdpa model attend per example (engine/attention.py, no mask tensor);
     on other attention implementations they carry a 4D block mask in the model's dtype.
     """
-    from engine.attention import use_segments
+    from engine.speed.attention import use_segments
 
     emb = model.get_input_embeddings().weight
     packing = getattr(data_spec, "packing", False)
@@ -152,19 +138,38 @@ def make_optimizer(tcfg, params, device_type: str):
     return cls[tcfg.optimizer](params, **kw)
 
 
-def train(ctx) -> dict:
-    from engine.loggers import Loggers, plot
+@dataclass(frozen=True)
+class TrainJob:
+    """What one training run needs, as plain values (a stage builds it from the run context)."""
 
-    cfg, acc = ctx.cfg, ctx.accelerator
+    cfg: Any
+    """The validated RunConfig (train, loss, data, seed and raw are read)."""
+    run_dir: Path
+    """Where train_log.jsonl, checkpoints/ and adapter/ go."""
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    data: Any
+    """The prepared DataBundle (train and validation splits)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def train(job: TrainJob) -> dict:
+    from engine.train.loggers import Loggers, plot
+
+    cfg, acc = job.cfg, job.accelerator
     tcfg = cfg.train
     torch.manual_seed(cfg.seed)
-    model = ctx.model()
-    tokenizer = ctx.tokenizer()
+    model = job.model
+    tokenizer = job.tokenizer
     loss_fn = LOSSES.build(cfg.loss, tokenizer=tokenizer)
 
     # 1. Data: a deterministic micro-batch stream per process; position K says what comes next.
     batches = Batches(
-        ctx.data.splits["train"],
+        job.data.splits["train"],
         micro_batch_size=tcfg.micro_batch_size,
         pad_id=tokenizer.pad_token_id,
         seed=cfg.seed,
@@ -181,7 +186,7 @@ def train(ctx) -> dict:
         keep_freed_memory()
     fuse = tcfg.fused_ops and acc.device.type == "cpu"
     if fuse:
-        from engine.fused_ops import fused_rope, use_fused_rms_norm
+        from engine.speed.fused_ops import fused_rope, use_fused_rms_norm
 
         use_fused_rms_norm(model)
     if tcfg.compile:
@@ -192,32 +197,32 @@ def train(ctx) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
-    if sharded and ctx.is_main:
+    if sharded and job.is_main:
         warnings.warn("checkpoints are not written under FSDP/DeepSpeed yet (no resume); the final adapter is", stacklevel=1)
 
     # 3. Resume from the latest complete checkpoint (the run dir was checked by the pipeline).
     state = TrainState()
     cfg_hash = ckpt_io.config_hash(cfg.raw)
-    found = ckpt_io.latest_checkpoint(ctx.run_dir) if tcfg.resume != "never" and not sharded else None
+    found = ckpt_io.latest_checkpoint(job.run_dir) if tcfg.resume != "never" and not sharded else None
     if found is not None:
         state = _restore(found, acc, model, optimizer, scheduler)
     resumed_from = state.step if found is not None else None
 
-    log_path = ctx.run_dir / "train_log.jsonl"
+    log_path = job.run_dir / "train_log.jsonl"
     log, sinks = None, None
-    if ctx.is_main:
+    if job.is_main:
         ckpt_io.truncate_log(log_path, state.step)
         log = open(log_path, "a")
-        sinks = Loggers(tcfg.loggers, ctx.run_dir, start_step=state.step, config=cfg.raw)
+        sinks = Loggers(tcfg.loggers, job.run_dir, start_step=state.step, config=cfg.raw)
     stream = batches.stream(start=state.data_position)
     stop = _StopOnSignal()
     t_start = time.perf_counter()
     tokens_now, first_step_s, stopped = 0, None, None
-    progress = _progress(steps, state.step, disable=not ctx.is_main)
+    progress = _progress(steps, state.step, disable=not job.is_main)
 
     def save(step: int) -> None:
         if not sharded:
-            _save(ctx, model, optimizer, scheduler, state, cfg_hash)
+            _save(job, model, optimizer, scheduler, state, cfg_hash)
 
     fused = contextlib.ExitStack()  # rotary embeddings fused while the loop runs (restored in finally)
     try:
@@ -258,7 +263,7 @@ def train(ctx) -> dict:
             # 6. Validation loss, best tracking, early stopping.
             new_best = False
             if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == steps):
-                new_best, early = _evaluate(ctx, model, loss_fn, tokenizer, tcfg, state, rec)
+                new_best, early = _evaluate(job, model, loss_fn, tokenizer, tcfg, state, rec)
                 stopped = stopped or ("early_stopping" if early else None)
 
             # 7. Log first, then checkpoint: a crash in between only repeats logged steps.
@@ -278,7 +283,7 @@ def train(ctx) -> dict:
             if stopped:
                 break
     finally:
-        from engine.attention import restore_sdpa
+        from engine.speed.attention import restore_sdpa
 
         fused.close()
         restore_sdpa(_unwrap(model))
@@ -289,19 +294,19 @@ def train(ctx) -> dict:
             sinks.close()
 
     if stopped == "signal":
-        where = ckpt_io.checkpoints_dir(ctx.run_dir) / f"step-{state.step}"
+        where = ckpt_io.checkpoints_dir(job.run_dir) / f"step-{state.step}"
         raise Interrupted(
             f"interrupted by {signal.Signals(stop.signum).name} after step {state.step}; checkpoint {where} written. "
-            f"Re-run the same command with hydra.run.dir={ctx.run_dir} to continue.",
+            f"Re-run the same command with hydra.run.dir={job.run_dir} to continue.",
             stop.signum,
         )
     elapsed = time.perf_counter() - t_start
     if tcfg.final_adapter == "best" and state.best_step not in (None, state.step):
-        _load_trainable(acc, model, ckpt_io.load_checkpoint(_checkpoint_at(ctx.run_dir, state.best_step))["tensors"])
-    adapter_dir = save_adapter(ctx, model)
-    losses = _read_losses(log_path) if ctx.is_main else []
-    if ctx.is_main and tcfg.plot:
-        plot(log_path, ctx.run_dir / "loss.png")
+        _load_trainable(acc, model, ckpt_io.load_checkpoint(_checkpoint_at(job.run_dir, state.best_step))["tensors"])
+    adapter_dir = save_adapter(job, model)
+    losses = _read_losses(log_path) if job.is_main else []
+    if job.is_main and tcfg.plot:
+        plot(log_path, job.run_dir / "loss.png")
     return {
         "steps": state.step,
         "resumed_from_step": resumed_from,
@@ -430,15 +435,15 @@ def validation_loss(model, examples, loss_fn, acc, *, micro_batch_size: int, pad
     return float(tot[0] / tot[1]) if tot[1] > 0 else None
 
 
-def _evaluate(ctx, model, loss_fn, tokenizer, tcfg, state: TrainState, rec: dict) -> tuple[bool, bool]:
+def _evaluate(job, model, loss_fn, tokenizer, tcfg, state: TrainState, rec: dict) -> tuple[bool, bool]:
     val = validation_loss(
         model,
-        ctx.data.splits.get("validation") or [],
+        job.data.splits.get("validation") or [],
         loss_fn,
-        ctx.accelerator,
+        job.accelerator,
         micro_batch_size=tcfg.micro_batch_size,
         pad_id=tokenizer.pad_token_id,
-        seed=ctx.cfg.seed,
+        seed=job.cfg.seed,
         limit=tcfg.eval_batches,
     )
     if val is not None:
@@ -461,9 +466,9 @@ def _trainable(acc, model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
 
 
-def _save(ctx, model, optimizer, scheduler, state: TrainState, cfg_hash: str) -> None:
+def _save(job, model, optimizer, scheduler, state: TrainState, cfg_hash: str) -> None:
     """Collective: gather every rank's RNG state; rank 0 writes the checkpoint, then rotates."""
-    acc, tcfg = ctx.accelerator, ctx.cfg.train
+    acc, tcfg = job.accelerator, job.cfg.train
     rng = ckpt_io.rng_state()
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
@@ -473,7 +478,7 @@ def _save(ctx, model, optimizer, scheduler, state: TrainState, cfg_hash: str) ->
         rngs = [rng]
     if acc.is_main_process:
         ckpt_io.write_checkpoint(
-            ctx.run_dir,
+            job.run_dir,
             state.step,
             tensors=_trainable(acc, model),
             optimizer=optimizer.state_dict(),
@@ -482,13 +487,13 @@ def _save(ctx, model, optimizer, scheduler, state: TrainState, cfg_hash: str) ->
             state={
                 **asdict(state),
                 "config_hash": cfg_hash,
-                "config": ckpt_io.hashed_config(ctx.cfg.raw),
+                "config": ckpt_io.hashed_config(job.cfg.raw),
                 "processes": acc.num_processes,
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             },
         )
         protect = {state.best_step} if state.best_step is not None else set()
-        ckpt_io.rotate(ctx.run_dir, tcfg.keep_last, protect)
+        ckpt_io.rotate(job.run_dir, tcfg.keep_last, protect)
     acc.wait_for_everyone()
 
 
@@ -529,18 +534,18 @@ def _checkpoint_at(run_dir: Path, step: int) -> ckpt_io.Checkpoint:
 # ---------------------------------------------------------------- output
 
 
-def save_adapter(ctx, model) -> Path | None:
+def save_adapter(job, model) -> Path | None:
     """PEFT adapter dir (loadable with PeftModel.from_pretrained); full model if no adapter."""
-    acc = ctx.accelerator
+    acc = job.accelerator
     acc.wait_for_everyone()
     inner = acc.unwrap_model(model)
     sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
     state_dict = acc.get_state_dict(model) if sharded else None  # collective: every rank calls it
-    out = ctx.run_dir / ("adapter" if hasattr(inner, "peft_config") else "model")
+    out = job.run_dir / ("adapter" if hasattr(inner, "peft_config") else "model")
     if acc.is_main_process:
         inner.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if sharded else {}))
         if out.name == "model":
-            ctx.tokenizer().save_pretrained(out)
+            job.tokenizer.save_pretrained(out)
     acc.wait_for_everyone()
     return out
 

@@ -19,7 +19,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from engine.errors import UserError
-from engine.metrics import NUMBER
+from engine.evaluate.metrics import NUMBER
 from engine.registry import Strict
 
 SHIPPED = Path(__file__).resolve().parent / "suites"

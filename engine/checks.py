@@ -1,0 +1,156 @@
+"""Every rule that spans config groups or stages, checked at validation — one home for them.
+
+Each group's schema checks its own values; this module checks how the chosen presets fit
+together (quantization x adapter x device, optimizer x device, attention kernel x device,
+adapter x stages, evaluate x a trained adapter, eval.run_dir), so an impossible run fails
+with exit status 2 before any weight loads, with the reason and a fix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+
+def cross_checks(specs: dict[str, Any], top: Any, problems: list[str]) -> None:
+    """Append a problem for each impossible combination; groups that failed their own schema are skipped."""
+    quant, adapter, model = specs.get("quantization"), specs.get("adapter"), specs.get("model")
+    stages = list(getattr(top, "stages", None) or [])
+    device = getattr(top, "device", "auto")
+    quantized = quant is not None and quant.kind != "none"
+
+    if quantized:
+        if adapter is not None and adapter.kind == "none":
+            problems.append(
+                f"quantization: {quant.kind} weights are frozen integer codes and cannot be fully fine-tuned "
+                "(adapter=none); train an adapter on top (adapter=lora: QLoRA) or use quantization=none"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(
+                f"quantization: {quant.kind} needs the bitsandbytes package; `pip install 'engine[quant]'` "
+                "or use quantization=none"
+            )
+        dora = adapter is not None and (adapter.kind == "dora" or getattr(adapter, "method", None) == "dora")
+        if quant.kind == "int8" and dora and _resolved_device(device) == "cpu":
+            # Measured with bitsandbytes 0.50.2: DoRA's weight-norm pass drops the int8 scales
+            # (state.SCB) on CPU and the next forward fails.
+            problems.append(
+                "quantization: int8 with DoRA fails on CPU (bitsandbytes' CPU int8 path loses the weight "
+                "scales after DoRA's weight-norm pass); use quantization=nf4 with DoRA, or adapter=lora with int8"
+            )
+        if _resolved_device(device) == "mps":
+            problems.append(
+                f"quantization: bitsandbytes has no kernels for Apple MPS, so {quant.kind} cannot run there; "
+                "use quantization=none on MPS, or device=cpu (slow) / a CUDA machine for quantized training"
+            )
+
+    if model is not None and model.attn_implementation == "flash_attention_2" and _resolved_device(device) != "cuda":
+        problems.append(
+            f"model.attn_implementation: flash_attention_2 runs only on CUDA GPUs; use sdpa on {_resolved_device(device)}"
+        )
+
+    train = specs.get("train")
+    if train is not None and train.optimizer != "adamw" and _resolved_device(device) != "cuda":
+        problems.append(
+            f"train.optimizer: {train.optimizer} (bitsandbytes) needs a CUDA GPU; this run is on "
+            f"{_resolved_device(device)}: use train.optimizer=adamw"
+        )
+
+    _check_stages(specs, stages, problems)
+
+    if adapter is not None and top is not None:
+        layered = adapter.kind == "layered"
+        if layered and "train" in stages:
+            problems.append(
+                "stages: adapter=layered trains its levels in the train_layered stage; "
+                "replace 'train' with 'train_layered' in stages"
+            )
+        if "train_layered" in stages and not layered:
+            problems.append(
+                f"stages: train_layered needs adapter=layered (got adapter kind '{adapter.kind}'); "
+                "use adapter=layered or the plain 'train' stage"
+            )
+
+
+def _resolved_device(device: str) -> str:
+    if device != "auto":
+        return device
+    from engine.runtime import resolve_device
+
+    return resolve_device("auto")
+
+
+def _check_stages(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
+    """Stage-order rules: evaluate needs trained weights from this run or from eval.run_dir."""
+    from engine.stages import STAGES
+
+    known = [s for s in stages if s in STAGES]
+    trains = [s for s in known if "trains" in STAGES.get(s).traits]
+    ev, adapter = specs.get("eval"), specs.get("adapter")
+    if "evaluate" in known and ev is not None and adapter is not None:
+        if not ev.run_dir and not trains and adapter.kind != "none":
+            problems.append(
+                "eval.run_dir: not set, and no stage of this run trains, so there is no trained adapter to evaluate; "
+                "set eval.run_dir=outputs/<recipe>/<time> (a finished run), add a training stage "
+                "(train or train_layered) before evaluate, or use adapter=none to evaluate the base alone"
+            )
+        if trains and "evaluate" in known and known.index("evaluate") < known.index(trains[0]):
+            problems.append(f"stages: evaluate runs before {trains[0]}; put it after the training stage")
+    docs = specs.get("data")
+    if "archive_documents" in known and docs is not None:
+        if docs.kind != "documents" or not getattr(docs, "archive_dir", None):
+            problems.append(
+                "stages: archive_documents moves used documents to data.archive_dir: it needs data=documents "
+                f"and data.archive_dir=<folder> (got data kind '{docs.kind}')"
+            )
+        elif not trains or known.index("archive_documents") < known.index(trains[-1]):
+            problems.append(
+                "stages: archive_documents must come after the training stage (files move only once training on them finished)"
+            )
+
+
+def evaluated_run(cfg, validate):
+    """Resolve ``eval.run_dir`` (a finished run to evaluate again) into the config, or raise ConfigError.
+
+    Model, data, template and seed come from that run's config.yaml (so the held-out split
+    is the one it never trained on); stages, recipe and eval settings stay this run's.
+    """
+    import dataclasses
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from engine.context import EvaluatedRun
+    from engine.errors import ConfigError, UserError
+
+    run = Path(cfg.eval.run_dir).expanduser().resolve()
+    record = run / "config.yaml"
+    if not record.is_file():
+        raise ConfigError(
+            f"eval.run_dir: {cfg.eval.run_dir} has no config.yaml; point it at a finished run dir (outputs/<recipe>/<time>)"
+        )
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(record), resolve=True)
+    except Exception as e:  # a damaged record is the user's to fix
+        raise ConfigError(f"eval.run_dir: cannot read {record.name} of {cfg.eval.run_dir}: {type(e).__name__}: {e}") from None
+    raw.setdefault("eval", {})["run_dir"] = None
+    try:
+        old = validate(raw)
+    except UserError as e:
+        raise ConfigError(f"eval.run_dir: its config.yaml no longer validates: {e}") from None
+    if (run / "adapter" / "adapter_config.json").is_file():
+        found = EvaluatedRun(path=run, adapter_dir=run / "adapter")
+        model = old.model
+    elif (run / "model" / "config.json").is_file():
+        from engine.model import HfSpec
+
+        found = EvaluatedRun(path=run, adapter_dir=None, base_model=old.model)
+        keep = ("dtype", "chat_template", "lora_targets", "attn_implementation")
+        model = HfSpec(kind="hf", name_or_path=str(run / "model"), **{k: getattr(old.model, k) for k in keep})
+    else:
+        raise ConfigError(
+            f"eval.run_dir: {cfg.eval.run_dir} has no trained weights (adapter/ or model/); did its train stage finish?"
+        )
+    return dataclasses.replace(
+        old, model=model, eval=cfg.eval, stages=cfg.stages, recipe=cfg.recipe, raw=cfg.raw, evaluated_run=found
+    )

@@ -1,0 +1,1 @@
+"""Reports of a run: markdown, the self-contained report.html, and plots."""
