@@ -29,7 +29,7 @@ class NoAdapterSpec(Spec):
 class LoraSpec(Spec):
     r: int = Field(16, ge=1)
     """Rank of the update: higher = more capacity and memory."""
-    alpha: float = 16
+    alpha: float = 32
     """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) for rslora)."""
     dropout: float = Field(0.05, ge=0, lt=1)
     """Dropout on the adapter's input during training."""
@@ -44,7 +44,16 @@ class LoraSpec(Spec):
     fewer passes over activations; false = PEFT's own forward (for A/B comparisons)."""
 
 
+class RsLoraSpec(LoraSpec):
+    r: int = Field(64, ge=1)
+    """Rank: rsLoRA's alpha / sqrt(r) scale is what lets higher ranks pay off."""
+    alpha: float = 16
+
+
 class LayeredSpec(LoraSpec):
+    r: int = Field(8, ge=1)
+    """Rank of each level (several levels stack, so each is smaller than a single adapter)."""
+    alpha: float = 16
     levels: int = Field(3, ge=1)
     """How many adapter levels to train in sequence (saved as adapter/level_1 ... level_N)."""
     method: Literal["lora", "dora", "rslora"] = "lora"
@@ -111,8 +120,8 @@ def build_dora(spec: LoraSpec, *, model):
     return _fast_cpu(get_peft_model(model, lora_config(spec, "dora")), spec)
 
 
-@ADAPTERS.register("rslora", LoraSpec)
-def build_rslora(spec: LoraSpec, *, model):
+@ADAPTERS.register("rslora", RsLoraSpec)
+def build_rslora(spec: RsLoraSpec, *, model):
     """Rank-stabilised LoRA: scale alpha / sqrt(r), so large ranks keep learning."""
     from peft import get_peft_model
 

@@ -71,6 +71,8 @@ class HfSpec(ModelSpec):
 
 
 class TinySpec(ModelSpec):
+    lora_targets: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """A Llama block's seven projections, as the real models' presets list them."""
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4

@@ -16,14 +16,14 @@ class TrainSpec(Strict):
     """Passes over the training split, used when max_steps is null."""
     micro_batch_size: int = Field(4, ge=1)
     """Examples per forward pass (per process)."""
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(2, ge=1)
     """Micro-batches per optimizer step; effective batch = micro x accum x processes."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     """adamw (torch); the bitsandbytes 8-bit/paged variants save optimizer memory on CUDA only."""
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(5, ge=0)
     schedule: Literal["linear", "cosine", "constant"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this (null: no clipping)."""
@@ -44,7 +44,7 @@ class TrainSpec(Strict):
     final_adapter: Literal["last", "best"] = "last"
     """Which weights become run_dir/adapter (and are evaluated): the last step's or the best ``metric``'s."""
 
-    save_every: int | None = Field(50, ge=1)
+    save_every: int | None = Field(20, ge=1)
     """Steps between checkpoints (a checkpoint is also written at the end and on SIGTERM/Ctrl-C)."""
     keep_last: int = Field(2, ge=1)
     """Checkpoints kept (older ones are deleted; the best one is always kept)."""
