@@ -104,9 +104,9 @@ def expected_ids_and_labels(marked: str, tok) -> tuple[list[int], list[int]]:
 
 @pytest.mark.parametrize("template", sorted(EXPECTED))
 @pytest.mark.parametrize("shape", sorted(ROWS))
-def test_shape_x_template_exact_text_and_label_mask(shape, template, tok):
+def test_shape_x_template_exact_text_and_label_mask(shape, template, tok, tmp_path):
     row, which = ROWS[shape]
-    spec = DataSpec(kind=shape, path=str(DATA / "broken.csv"), template=template)
+    spec = DataSpec(kind=shape, path=str(write_rows([row], "jsonl", tmp_path / "row.jsonl")), template=template)
     msgs = SHAPES.get(shape).builder(spec, row)
     assert msgs == [SINGLE, MULTI][which]
     marked = EXPECTED[template][which]
@@ -121,8 +121,8 @@ def test_shape_x_template_exact_text_and_label_mask(shape, template, tok):
     assert ex_all.labels == ex_all.input_ids
 
 
-def test_text_shape_trains_on_every_token_and_ends_with_eos(tok):
-    spec = DataSpec(kind="text", path=str(DATA / "broken.csv"))
+def test_text_shape_trains_on_every_token_and_ends_with_eos(tok, tmp_path):
+    spec = DataSpec(kind="text", path=str(write_rows([{"text": "x"}], "jsonl", tmp_path / "text.jsonl")))
     msgs = SHAPES.get("text").builder(spec, {"text": "  Peat stores  carbon.\r\n"})
     ex, _ = tokenize("", msgs, tok, 512, train_on_prompt=False)
     assert ex.input_ids == tok("Peat stores carbon.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -317,8 +317,9 @@ def test_field_mapping_reads_other_column_names(tok, tmp_path):
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match=r"data.*fields: question not known for kind 'qa'; valid: prompt, response"):
+    with pytest.raises(ConfigError, match=r"data.fields.question: 'question' is a column.*data.fields.prompt=q$") as e:
         compose(["model=tiny", "data=env_numeric", "data.fields.question=q"])
+    assert "{" not in str(e.value)  # names the key; does not dump the data group
     with pytest.raises(ConfigError, match=r"data.path: .*required"):
         compose(["model=tiny", "data=sharegpt"])
     with pytest.raises(ConfigError, match=r"data.template: .*unknown template 'vicuna'"):

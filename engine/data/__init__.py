@@ -122,6 +122,7 @@ def prepare(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | None = None
     train_tokens = sum(len(e.input_ids) for e in out["train"])
     metrics = {
         "kind": spec.kind,
+        "kind_detected": spec.detected,
         "template": spec.template if source else None,
         "rows_read": rows_read,
         "rows_used": sum(len(v) for v in out.values()),
@@ -193,8 +194,14 @@ def _dedupe_across(splits: dict[str, list], rejects: _Rejects) -> None:
 
 
 def _no_usable(path: str, n: int, rejects: _Rejects) -> DataError:
+    if not n:  # a documents folder whose documents were all skipped (sources refuse a file with no rows)
+        return DataError(f"data.path: {path} gave no usable text; documents.json in the run dir says why for each file")
+    if not rejects.rows:  # every row went to a held-out split
+        return DataError(
+            f"data.path: {path} has {n} usable rows and data.split puts none in train; give train a larger share or add rows"
+        )
     first = "\n".join(f"  - {r['file']} row {r['row']}: {r['detail']}" for r in rejects.rows[:5])
-    counts = ", ".join(f"{k}: {v}" for k, v in rejects.counts().items()) or "no rows"
+    counts = ", ".join(f"{k}: {v}" for k, v in rejects.counts().items())
     return DataError(
         f"data.path: {path} has no usable training row ({n} read; rejected: {counts}). First problems:\n{first}\n"
         "Check the file's columns against data.kind (or map them with data.fields.<name>=<column>)."

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from engine.data.spec import DataSpec, DocumentsSpec
+from engine.data.spec import AUTO, DataSpec, DocumentsSpec, TextSpec
 from engine.registry import Registry
 
 SHAPES = Registry("data")
@@ -44,7 +44,8 @@ def field_text(row: dict, key: str, *, required: bool = True, where: str = "") -
     name = f"{where}{key}"
     if key not in row or row[key] is None or (not required and row[key] == ""):
         if required:
-            raise RowError("missing field", f"missing field '{name}'")
+            has = f" (the row has: {', '.join(map(str, row))}; map one with data.fields.<name>=<column>)" if row else ""
+            raise RowError("missing field", f"missing field '{name}'{has}")
         return ""
     value = row[key]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -129,10 +130,17 @@ def sharegpt(spec: DataSpec, row: dict) -> list[dict]:
     return _conversation(spec, row, spec.column("conversations"), "from", "value", roles)
 
 
-@SHAPES.register("text", DataSpec)
-def text(spec: DataSpec, row: dict) -> list[dict]:
+@SHAPES.register("text", TextSpec)
+def text(spec: TextSpec, row: dict) -> list[dict]:
     """Plain text for continued pre-training: every token is trained on, no template."""
     return [{"role": TEXT_ROLE, "content": field_text(row, spec.column("text"))}]
+
+
+@SHAPES.register(AUTO, DataSpec)
+def auto(spec: DataSpec, row: dict) -> list[dict]:
+    """Any of the shapes above, read from the file's columns at validation (engine.data.detect)."""
+    # Validation replaces kind auto by the detected kind, so a validated spec never gets here.
+    raise RuntimeError("data kind 'auto' must be resolved by validating the DataSpec first")
 
 
 @SHAPES.register("documents", DocumentsSpec)

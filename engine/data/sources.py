@@ -3,7 +3,14 @@
 A row that cannot be read (a line of invalid JSON, bytes that are not UTF-8, a CSV line
 with the wrong number of columns) is not skipped here: it becomes a ``BadRow`` carrying
 the reason, so the caller writes it to rejected.jsonl and counts it. Nothing is lost
-silently. A file that cannot be read at all is a ``DataError`` (exit status 2).
+silently. A file that cannot be read at all, or holds no row, is a ``DataError`` (exit
+status 2) that says which (empty, a header without rows, a JSON array in a .jsonl file).
+
+``peek`` reads only the first rows: validation uses it to detect ``kind: auto`` and to
+check mapped columns before any weight loads.
+
+Every format treats a long row alike: it is read whole (CSV's field-size limit is lifted),
+then truncated at ``data.max_length`` tokens and counted, like any other long example.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +27,13 @@ from engine.data.spec import HUB_PREFIX
 from engine.errors import UserError
 
 FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+PEEK_ROWS = 50
+"""Rows ``peek`` reads: enough to see every column of a file whose first rows vary."""
+DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+# Python's csv module refuses fields over 128 KiB; a JSONL row of any length is read, so a
+# CSV row is too (both are then truncated at max_length tokens, counted). The limit is a C long.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 class DataError(UserError):
@@ -38,35 +53,90 @@ class BadRow:
 
 def read_rows(path: str, key: str = "data.path") -> list[dict | BadRow]:
     """Every row of ``path`` in file order (``key`` names the config key in errors)."""
+    return _read(path, key, limit=None)
+
+
+def peek(path: str, key: str = "data.path", n: int = PEEK_ROWS) -> tuple[list[str], list[dict]] | None:
+    """The columns and the first ``n`` readable rows of ``path``; None for a hub dataset (not fetched here).
+
+    Columns are a CSV's or Parquet file's header, else every key of the rows read, in order
+    of first appearance. An empty file raises the same ``DataError`` as ``read_rows``.
+    """
+    if path.startswith(HUB_PREFIX):
+        return None
+    p = Path(path).expanduser()
+    header = _header(p) if p.suffix.lower() in (".csv", ".tsv", ".parquet") else None
+    rows = [r for r in _read(path, key, limit=n) if isinstance(r, dict)]
+    columns = list(header or dict.fromkeys(k for r in rows for k in r))
+    return columns, rows
+
+
+def _read(path: str, key: str, limit: int | None) -> list[dict | BadRow]:
     if path.startswith(HUB_PREFIX):
         return _hub(path[len(HUB_PREFIX) :], key)
     p = Path(path).expanduser()
     if p.is_dir():
-        if any((p / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            return _from_disk(p, key)
+        if any((p / marker).exists() for marker in DISK_MARKERS):
+            return _from_disk(p, key, limit)
         raise DataError(
             f"{key}: {p} is a folder but not a `datasets` save_to_disk folder; point it at a data file, "
             "or use data=documents for a folder of .txt/.md/.pdf"
         )
     suffix = p.suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise DataError(f"{key}: unsupported file type '{suffix}' ({p}); use one of {', '.join(FILE_TYPES)}")
     try:
-        if suffix == ".jsonl":
-            return _jsonl(p)
-        if suffix == ".json":
-            return _json(p, key)
-        if suffix in (".csv", ".tsv"):
-            return _csv(p, delimiter="\t" if suffix == ".tsv" else ",")
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(p).to_pylist()
+        rows = _read_file(p, suffix, key, limit)
     except OSError as e:
         raise DataError(f"{key}: cannot read {p}: {e}") from None
     except Exception as e:  # pyarrow raises its own types for a corrupt file
         if suffix == ".parquet":
             raise DataError(f"{key}: {p} is not a readable Parquet file: {e}") from None
         raise
-    raise DataError(f"{key}: unsupported file type '{suffix}' ({p}); use one of {', '.join(FILE_TYPES)}")
+    if not rows:
+        raise DataError(_empty(p, key))
+    return rows
+
+
+def _read_file(p: Path, suffix: str, key: str, limit: int | None) -> list:
+    if suffix == ".jsonl":
+        return _jsonl(p, key, limit)
+    if suffix == ".json":
+        return _json(p, key)[:limit]
+    if suffix in (".csv", ".tsv"):
+        return _csv(p, delimiter="\t" if suffix == ".tsv" else ",", limit=limit)
+    import pyarrow.parquet as pq
+
+    if limit is None:
+        return pq.read_table(p).to_pylist()
+    batch = next(pq.ParquetFile(p).iter_batches(batch_size=limit), None)
+    return batch.to_pylist() if batch is not None else []
+
+
+def _header(p: Path) -> list[str] | None:
+    """A CSV's or Parquet file's column names (None when there is none to read)."""
+    try:
+        if p.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.ParquetFile(p).schema_arrow.names)
+        with open(p, newline="", encoding="utf-8-sig", errors="replace") as f:
+            return next(csv.reader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ","), None)
+    except Exception:  # an unreadable file is reported by the read that follows, with its reason
+        return None
+
+
+def _empty(p: Path, key: str) -> str:
+    """Why a file gave no row at all: empty, a header alone, an empty list."""
+    what = "is empty"
+    header = _header(p) if p.suffix.lower() in (".csv", ".tsv", ".parquet") else None
+    if header:
+        what = f"has a header ({', '.join(header)}) but no rows"
+    elif p.suffix.lower() == ".json" and p.stat().st_size:
+        what = "holds no rows (an empty list or object)"
+    elif p.is_file() and p.stat().st_size:
+        what = "holds only blank lines"
+    return f"{key}: {p} {what}; point {key} at a file with at least one row"
 
 
 def _decode(raw: bytes, where: str) -> str | BadRow:
@@ -76,10 +146,13 @@ def _decode(raw: bytes, where: str) -> str | BadRow:
         return BadRow("undecodable", f"{where}: not UTF-8 ({e.reason} at byte {e.start})", raw.decode("utf-8", "replace"))
 
 
-def _jsonl(path: Path) -> list[dict | BadRow]:
+def _jsonl(path: Path, key: str, limit: int | None = None) -> list[dict | BadRow]:
+    _not_one_array(path, key)
     rows: list[dict | BadRow] = []
     with open(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
+            if limit is not None and len(rows) >= limit:
+                break
             line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if i == 1 else raw, f"line {i}")
             if isinstance(line, BadRow):
                 rows.append(line)
@@ -91,6 +164,26 @@ def _jsonl(path: Path) -> list[dict | BadRow]:
             except json.JSONDecodeError as e:
                 rows.append(BadRow("invalid JSON", f"line {i}: {e.msg} (column {e.colno})", line.rstrip("\n")))
     return rows
+
+
+def _not_one_array(path: Path, key: str) -> None:
+    """A .jsonl file that is one JSON array (a .json file by another name) is refused with the fix.
+
+    Only a file starting with ``[`` is parsed whole; a real JSONL file is read line by line.
+    """
+    with open(path, "rb") as f:
+        start = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    if not start.startswith(b"["):
+        return
+    try:
+        whole = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return  # several lines that are arrays, or broken JSON: rejected line by line
+    if isinstance(whole, list):
+        raise DataError(
+            f"{key}: {path} holds one JSON array, not one JSON object per line; "
+            f"rename it to {path.with_suffix('.json').name} (or write one object per line)"
+        )
 
 
 def _json(path: Path, key: str) -> list:
@@ -113,14 +206,14 @@ def _json(path: Path, key: str) -> list:
     return data
 
 
-def _csv(path: Path, delimiter: str) -> list[dict | BadRow]:
+def _csv(path: Path, delimiter: str, limit: int | None = None) -> list[dict | BadRow]:
     rows: list[dict | BadRow] = []
     # surrogateescape keeps undecodable bytes visible as lone surrogates: such a row is
     # rejected as undecodable instead of the whole file failing.
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         header = reader.fieldnames or []
-        while True:
+        while limit is None or len(rows) < limit:
             line = reader.line_num + 1
             try:
                 row = next(reader)
@@ -153,7 +246,7 @@ def _clean(row: dict) -> dict:
     }
 
 
-def _from_disk(path: Path, key: str) -> list[dict]:
+def _from_disk(path: Path, key: str, limit: int | None = None) -> list[dict]:
     from datasets import DatasetDict, load_from_disk
 
     ds = load_from_disk(str(path))
@@ -161,7 +254,7 @@ def _from_disk(path: Path, key: str) -> list[dict]:
         if "train" not in ds:
             raise DataError(f"{key}: {path} holds splits {list(ds)}; none is 'train'")
         ds = ds["train"]
-    return ds.to_list()
+    return ds.select(range(min(limit, len(ds)))).to_list() if limit is not None else ds.to_list()
 
 
 def _hub(name: str, key: str) -> list[dict]:

@@ -2,18 +2,26 @@
 
 One ``DataSpec`` serves every row shape; ``DocumentsSpec`` adds the knobs that only a
 folder of documents needs (chunking, quality thresholds, archiving).
+
+Validation reads the first rows of the data file (``sources.peek``, never the whole file):
+``kind: auto`` becomes the shape those rows have, and a column a named shape needs but the
+file lacks is reported with the columns that do exist. Both are config problems, so they
+exit with status 2 before any weight loads.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from engine.registry import Spec
 
 # Per shape: the logical fields a row provides and the column each is read from by default.
-# ``data.fields.<logical>=<column>`` renames a column; any other key is a config error.
+# These are the only defaults: presets leave ``fields`` empty, so switching ``data.kind``
+# brings that kind's columns, and ``data.fields.<logical>=<column>`` renames only what it names.
 FIELDS: dict[str, dict[str, str]] = {
     "instruction": {"instruction": "instruction", "input": "input", "output": "output", "system": "system"},
     "qa": {"prompt": "question", "response": "answer", "system": "system"},
@@ -22,6 +30,17 @@ FIELDS: dict[str, dict[str, str]] = {
     "text": {"text": "text"},
     "documents": {},
 }
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "instruction": ("instruction", "output"),
+    "qa": ("prompt", "response"),
+    "chat": ("messages",),
+    "sharegpt": ("conversations",),
+    "text": ("text",),
+}
+"""The logical fields every row of a shape must have (the others are optional)."""
+AUTO = "auto"
+"""``kind: auto``: the shape is read from the file's columns at validation (``engine.data.detect``)."""
+FIELDS[AUTO] = {name: name for kind in REQUIRED for name in FIELDS[kind]}
 
 HUB_PREFIX = "hf:"
 MISSING = "???"
@@ -35,8 +54,13 @@ class SplitSpec(BaseModel):
 
     @model_validator(mode="after")
     def _sums_to_one(self):
-        if abs(self.train + self.validation + self.test - 1.0) > 1e-6:
-            raise ValueError("train + validation + test must sum to 1")
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            got = f"{self.train:g} + {self.validation:g} + {self.test:g} = {total:g}"
+            why = (
+                f"train + validation + test must sum to 1, got {got}; e.g. data.split={{train: 0.8, validation: 0.1, test: 0.1}}"
+            )
+            raise _located(type(self), ((), got, why))
         return self
 
 
@@ -65,7 +89,7 @@ class DataSpec(Spec):
     system_prompt: str | None = None
     """Prepended as a system message when the row has none."""
     fields: dict[str, str] = {}
-    """Column mapping for other names, e.g. {prompt: q, response: a} (qa) or {output: answer}."""
+    """Column renames for this kind's fields, e.g. {prompt: q, response: a} (qa); unnamed ones keep their default."""
     max_length: int = Field(512, ge=8)
     """Tokens per example (and per packed row); longer examples are truncated and counted."""
     train_on_prompt: bool = False
@@ -82,6 +106,37 @@ class DataSpec(Spec):
     preview: int = Field(3, ge=1)
     """Examples the preview_data stage prints."""
 
+    _detected: str | None = PrivateAttr(None)
+
+    @property
+    def detected(self) -> str | None:
+        """With ``kind: auto``: why this kind was chosen (e.g. "column 'conversations'"); else None."""
+        return self._detected
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _against_the_file(cls, data: Any, handler):
+        """Validate the keys, then resolve ``kind: auto`` and check the columns against the file's first rows."""
+        spec = handler(data)
+        if not isinstance(data, dict) or (spec.kind not in REQUIRED and spec.kind != AUTO):
+            return spec
+        from engine.data.detect import Unfit, check_columns, detect
+        from engine.data.sources import DataError, peek
+
+        try:
+            seen = peek(spec.path)
+            if spec.kind == AUTO:
+                kind, fields, why = detect(spec.path, seen, spec.fields)
+                spec = handler({**data, "kind": kind, "fields": fields})
+                spec._detected = why
+            elif problems := check_columns(spec.path, seen, spec.kind, spec.fields):
+                raise _located(cls, *((u.loc, u.value, u.message) for u in problems))
+        except DataError as e:
+            raise _located(cls, (("path",), spec.path, str(e).removeprefix("data.path: "))) from None
+        except Unfit as e:
+            raise _located(cls, (e.loc, e.value, e.message)) from None
+        return spec
+
     @field_validator("path")
     @classmethod
     def _path_exists(cls, v: str) -> str:
@@ -95,31 +150,44 @@ class DataSpec(Spec):
     @field_validator("template")
     @classmethod
     def _known_template(cls, v: str) -> str:
-        from engine.data.templates import TEMPLATES
+        from engine.data.templates import TEMPLATES, check_template_file
 
         if v == "model" or v in TEMPLATES:
             return v
         if v.endswith((".jinja", ".j2")) and Path(v).expanduser().is_file():
+            problem = check_template_file(v)
+            if problem:
+                raise ValueError(problem)
             return v
         raise ValueError(f"unknown template '{v}'; valid: model, {', '.join(sorted(TEMPLATES))}, or a .jinja file")
 
-    @model_validator(mode="after")
-    def _known_fields(self):
-        valid = FIELDS.get(self.kind, {})
-        unknown = sorted(set(self.fields) - set(valid))
-        if unknown:
-            names = ", ".join(valid) or "none"
-            raise ValueError(f"fields: {', '.join(unknown)} not known for kind '{self.kind}'; valid: {names}")
-        return self
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, v: dict[str, str], info) -> dict[str, str]:
+        kind = info.data.get("kind")
+        valid = FIELDS.get(kind, {})
+        for name in v:
+            if name not in valid:
+                raise _located(cls, ((name,), name, _unknown_field(kind, name, v[name], valid)))  # pydantic prefixes 'fields'
+        return v
 
     def column(self, name: str) -> str:
         """The row column that holds logical field ``name`` (after ``fields`` renames)."""
         return self.fields.get(name, FIELDS[self.kind][name])
 
 
+class TextSpec(DataSpec):
+    packing: bool = True
+    """Short texts share rows: no compute spent on padding (every token is trained on anyway)."""
+    split: SplitSpec = SplitSpec(train=0.9, validation=0.05, test=0.05)
+    """Continued pre-training wants most of the corpus for training."""
+
+
 class DocumentsSpec(DataSpec):
     path: str
     """A folder of .txt, .md and .pdf files (searched recursively)."""
+    packing: bool = True
+    """Chunks of one document share rows with others: no compute spent on padding."""
     chunk_tokens: int = Field(256, ge=8)
     """Tokens per training chunk (at most max_length)."""
     overlap: int = Field(32, ge=0)
@@ -133,10 +201,44 @@ class DocumentsSpec(DataSpec):
 
     @model_validator(mode="after")
     def _chunking(self):
+        cls = type(self)
         if self.overlap >= self.chunk_tokens:
-            raise ValueError(f"overlap ({self.overlap}) must be smaller than chunk_tokens ({self.chunk_tokens})")
+            raise _located(
+                cls, (("overlap",), self.overlap, f"{self.overlap} must be smaller than chunk_tokens ({self.chunk_tokens})")
+            )
         if self.chunk_tokens > self.max_length:
-            raise ValueError(f"chunk_tokens ({self.chunk_tokens}) must be at most max_length ({self.max_length})")
+            why = f"{self.chunk_tokens} must be at most max_length ({self.max_length})"
+            raise _located(cls, (("chunk_tokens",), self.chunk_tokens, why))
         if not self.path.startswith(HUB_PREFIX) and not Path(self.path).expanduser().is_dir():
-            raise ValueError(f"path: {self.path} is not a folder; kind documents reads a folder of .txt/.md/.pdf")
+            raise _located(
+                cls, (("path",), self.path, f"{self.path} is not a folder; kind documents reads a folder of .txt/.md/.pdf")
+            )
         return self
+
+
+def _unknown_field(kind: str, name: str, column: str, valid: dict[str, str]) -> str:
+    """Why ``data.fields.<name>=<column>`` does not apply, and what does (a preset's stale map shows up here)."""
+    if not valid:
+        return f"kind '{kind}' reads no columns, so it takes no field renames; remove data.fields"
+    default_of = [logical for logical, default in valid.items() if default == name]
+    if default_of:  # data.fields.question=q: the column name where the field name belongs
+        field = default_of[0]
+        return (
+            f"'{name}' is a column, not a field of kind '{kind}'; to read {field} from '{column}': data.fields.{field}={column}"
+        )
+    owners = [k for k, names in FIELDS.items() if name in names and k != AUTO]
+    also = f" ('{name}' is a field of {', '.join(owners)})" if owners else ""
+    example = f"data.fields.{next(iter(valid))}=<column>"
+    return f"'{name}' is not a field of kind '{kind}'{also}; its fields: {', '.join(valid)}, e.g. {example}"
+
+
+def _located(model: type[BaseModel], *problems: tuple[tuple, Any, str]) -> ValidationError:
+    """Validation errors on single keys (``data.fields.prompt``): the report names each key, not the whole group.
+
+    Each problem is (key path under ``data``, the value there, message).
+    """
+    details = [
+        InitErrorDetails(type=PydanticCustomError("data", "{message}", {"message": message}), loc=loc, input=value)
+        for loc, value, message in problems
+    ]
+    return ValidationError.from_exception_data(model.__name__, details)

@@ -1,15 +1,19 @@
 """Chat templates, rendered in jinja2's sandbox, and where the trained-on text lies.
 
 Templates are data, not code: one from a tokenizer file or a user is rendered in an
-``ImmutableSandboxedEnvironment`` so it cannot reach Python internals.
+``ImmutableSandboxedEnvironment`` so it cannot reach Python internals. A user's .jinja file
+is compiled and trial-rendered at validation (``check_template_file``): a syntax error is
+reported with its line, a sandbox violation with what was reached for, before anything loads.
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from engine.errors import ConfigError
 
@@ -66,6 +70,16 @@ PHI = (
 
 TEMPLATES: dict[str, str] = {"alpaca": ALPACA, "chatml": CHATML, "llama2": LLAMA2, "mistral": MISTRAL, "phi": PHI}
 
+# A conversation with every role, for the trial render at validation.
+TRIAL = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is a wetland?"},
+    {"role": "assistant", "content": "Land covered by shallow water."},
+    {"role": "user", "content": "And a bog?"},
+    {"role": "assistant", "content": "A wetland of peat."},
+]
+ALLOWED = "templates may read messages, add_generation_prompt, bos_token and eos_token, and call raise_exception"
+
 
 @lru_cache(maxsize=16)
 def _compile(source: str):
@@ -76,6 +90,43 @@ def _compile(source: str):
 
 def _raise(msg: str):
     raise ValueError(msg)
+
+
+def check_template_file(path: str) -> str | None:
+    """What is wrong with a user's template file (syntax, sandbox), or None; validation reports it.
+
+    The trial render covers what every conversation reaches (roles, contents, the
+    generation prompt). Errors other than the sandbox's, such as a template that refuses
+    a system message with raise_exception, are left to the rows that trigger them.
+    """
+    source = Path(path).expanduser().read_text()
+    try:
+        compiled = _compile(source)
+    except TemplateSyntaxError as e:
+        return _syntax(Path(path).name, e)
+    for prompt in (False, True):
+        for messages in (TRIAL, TRIAL[1:3]):
+            try:
+                compiled.render(messages=messages, add_generation_prompt=prompt, bos_token="<s>", eos_token="</s>")
+            except (SecurityError, OverflowError) as e:
+                return _sandboxed(f"template {Path(path).name}", e)
+            except Exception:  # the template's own checks on a row (raise_exception): not a config problem
+                pass
+    return None
+
+
+def _syntax(name: str, e: TemplateSyntaxError) -> str:
+    return f"{name} line {e.lineno}: {e.message}; fix the template (jinja2 syntax) or use a built-in: {', '.join(TEMPLATES)}"
+
+
+def _sandboxed(what: str, e: Exception) -> str:
+    """``what`` tried to reach something the sandbox forbids: say what, not jinja2's traceback."""
+    m = re.search(r"access to attribute '([^']+)' of '([^']+)' object", str(e))
+    if m:
+        return (
+            f"{what} tried to access attribute '{m.group(1)}' of a {m.group(2)}, which is not allowed in the sandbox ({ALLOWED})"
+        )
+    return f"{what} was stopped by the sandbox: {str(e).rstrip('.')} ({ALLOWED})"
 
 
 def template_source(name: str, tokenizer) -> str:
@@ -90,15 +141,26 @@ def template_source(name: str, tokenizer) -> str:
         return TEMPLATES[name]
     path = Path(name).expanduser()
     if path.suffix in (".jinja", ".j2") and path.is_file():
-        return path.read_text()
+        source = path.read_text()
+        try:
+            _compile(source)
+        except TemplateSyntaxError as e:
+            raise ConfigError(f"data.template: {_syntax(path.name, e)}") from None
+        return source
     raise ConfigError(f"data.template: unknown template '{name}'; valid: model, {', '.join(sorted(TEMPLATES))}, or a .jinja file")
 
 
 def render(source: str, messages: list[Message], *, add_generation_prompt: bool, tokenizer=None) -> str:
+    """The conversation as text; a sandbox violation is a ``ConfigError`` naming what was reached for."""
     special = {}
     if tokenizer is not None:
         special = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
-    return _compile(source).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+    try:
+        return _compile(source).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+    except (SecurityError, OverflowError) as e:
+        raise ConfigError(
+            f"data.template: {_sandboxed('the chat template', e)}; use a built-in: {', '.join(TEMPLATES)}"
+        ) from None
 
 
 def render_with_spans(source: str, messages: list[Message], tokenizer=None) -> tuple[str, list[tuple[int, int]]]:

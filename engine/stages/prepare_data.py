@@ -28,6 +28,8 @@ def prepare_data(ctx) -> dict:
     metrics["micro_batches_per_epoch"] = len(batches)
     metrics["padding_efficiency"] = batches.padding_efficiency()
     if ctx.is_main:
+        if metrics.get("kind_detected"):
+            print(f"[engine] data: kind auto -> {metrics['kind']} ({metrics['kind_detected']})", flush=True)
         rejected = metrics["rows_rejected"]
         note = f", {rejected} rejected -> rejected.jsonl {metrics['rejected_by_reason']}" if rejected else ""
         print(
