@@ -42,7 +42,9 @@ def disagreements(schema: type[BaseModel], node: dict, prefix: str = "") -> list
         default = field.get_default(call_default_factory=True)
         if isinstance(default, BaseModel) and isinstance(value, dict):
             dumped = default.model_dump()
-            out += [f"{prefix}{key}.{k}: preset {v!r} vs schema {dumped.get(k)!r}" for k, v in value.items() if dumped.get(k) != v]
+            out += [
+                f"{prefix}{key}.{k}: preset {v!r} vs schema {dumped.get(k)!r}" for k, v in value.items() if dumped.get(k) != v
+            ]
             continue
         if isinstance(value, str) and SKIP_INTERPOLATED in value:
             continue
