@@ -181,6 +181,49 @@ def test_unknown_lm_eval_task_says_what_exists(tiny, tmp_path):
         harness.run(model, tok, spec, work_dir=tmp_path, batch_size=2)
 
 
+# --- the evaluate package, called with plain arguments (no run context) ----------------------------
+
+
+def test_evaluate_package_takes_plain_arguments(tiny, tmp_path):
+    """A fully fine-tuned model (no adapter to switch off): the base is rebuilt from its spec."""
+    from engine.data import prepare
+    from engine.evaluate.compare import EvalJob, evaluate
+
+    suite = tmp_path / "short.yaml"
+    suite.write_text("name: short\nmax_new_tokens: 4\ncases:\n  - {id: one, prompt: Say hi., checks: {max_words: 50}}\n")
+    cfg = compose([*TINY, "eval.max_examples=2", "eval.max_new_tokens=4", "eval.embedding=tfidf", f"eval.suites=[{suite}]"])
+    model, tok = tiny
+    data = prepare(cfg.data, tok, seed=0)
+    job = EvalJob(
+        model=model,
+        tokenizer=tok,
+        spec=cfg.eval,
+        examples=data.splits["test"],
+        template=data.template,
+        run_dir=tmp_path,
+        device="cpu",
+        base_model=cfg.model,
+        quantization=cfg.quantization,
+    )
+    out = evaluate(job)
+    assert out["examples"] == 2 and list(out["test"]) == cfg.eval.metrics  # every configured metric, in order
+    assert out["cosine_backend"] == "tfidf" and out["suites"] == {"short": 1.0, "overall": 1.0}
+    # The tiny model is built with a fixed seed and was not trained: the rebuilt base is the same model.
+    assert out["base"]["test"] == out["test"]
+    rows = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {"base", "finetuned", "base_rougeL"} <= set(rows[0])
+    assert {r["model"] for r in map(json.loads, (tmp_path / "suites.jsonl").read_text().splitlines())} == {"base", "finetuned"}
+
+
+def test_empty_split_is_skipped_with_the_reason(tiny, tmp_path):
+    from engine.evaluate.compare import EvalJob, evaluate
+
+    cfg = compose(TINY)
+    model, tok = tiny
+    job = EvalJob(model=model, tokenizer=tok, spec=cfg.eval, examples=[], template="", run_dir=tmp_path, device="cpu")
+    assert evaluate(job) == {"skipped": "no examples in split 'test'"}
+
+
 # --- end to end: train, then evaluate the finished run on its own ------------------------------
 
 SMALL_EVAL = [

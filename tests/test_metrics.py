@@ -223,7 +223,7 @@ def test_score_table_picks_and_rounds():
     assert out["exact_match"] == 0.5 and out["mae"] == 0.2 and out["within_tol"] == 0.5  # |0.1-0.5| > 0.2
     assert "cosine" not in out  # model-based: computed by the evaluate stage
     assert all(len(str(v).split(".")[-1]) <= 4 for v in out.values() if isinstance(v, float))
-    assert set(M.ALL) >= {
+    assert set(M.METRICS) >= {
         "exact_match",
         "token_f1",
         "bleu",
@@ -236,3 +236,59 @@ def test_score_table_picks_and_rounds():
         "within_tol",
         "parse_rate",
     }
+
+
+# --- the registry: one decorated function is a metric everywhere --------------------------------
+
+
+def test_every_metric_has_a_family_direction_and_summary():
+    for name, m in M.METRICS.items():
+        assert m.name == name and m.family in ("pairwise", "corpus", "numeric", "model")
+        assert m.summary, f"{name}: the docstring's first line is its summary"
+    assert {"mae", "rmse", "perplexity", "mae_ev"} <= M.lower_is_better_names()
+    assert "rougeL" in M.unit_scale_names() and "r2" not in M.unit_scale_names()
+
+
+def test_a_name_is_registered_once_in_a_known_family():
+    with pytest.raises(ValueError, match="already registered"):
+        M.metric("rougeL", "pairwise")(lambda pred, ref: 0.0)
+    with pytest.raises(ValueError, match="unknown family 'pairwize'"):
+        M.metric("new_one", "pairwize")
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """Metrics registered in a test vanish after it."""
+    monkeypatch.setattr(M, "METRICS", dict(M.METRICS))
+
+
+def test_a_new_metric_is_one_decorated_function(scratch_registry):
+    from conftest import TINY, compose
+
+    @M.metric("starts_same", "pairwise")
+    def starts_same(pred: str, ref: str) -> float:
+        """1.0 when both texts start with the same normalised word."""
+        return float(M.normalize(pred)[:1] == M.normalize(ref)[:1])
+
+    @M.metric("max_error", "numeric", lower_is_better=True, unit=False)
+    def max_error(v: M.Values) -> float | None:
+        """Largest absolute error of the parsed pairs."""
+        return max((abs(e) for e in v.errors), default=None)
+
+    cfg = compose([*TINY, "eval.metrics=[starts_same,max_error,rougeL]"])  # valid in the schema at once
+    assert cfg.eval.metrics == ["starts_same", "max_error", "rougeL"]
+    out = M.score(cfg.eval.metrics, ["apple 1", "pear 5"], ["apple 2", "fig 4.5"])
+    assert out["starts_same"] == 0.5 and out["max_error"] == 1.0 and out["numeric_examples"] == 2
+    assert "max_error" in M.lower_is_better_names() and "max_error_ev" in M.lower_is_better_names()
+
+
+def test_unknown_metric_lists_the_valid_ones():
+    from conftest import TINY, compose
+
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        compose([*TINY, "eval.metrics=[rougeL,mea]"])
+    msg = str(e.value.format() if hasattr(e.value, "format") else e.value)
+    assert "eval.metrics" in msg and "unknown metric 'mea'" in msg and "did you mean 'mae'" in msg
+    assert all(name in msg for name in M.METRICS)

@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import pytest
 from conftest import TINY, compose
 
+from engine.report import Scales, write_report
 from engine.stages.report import report
 
-BLUE = (0x2B, 0x6C, 0xB0)  # the fine-tuned bars and the loss line (engine/evaluation/plots.py)
+BLUE = (0x2B, 0x6C, 0xB0)  # the fine-tuned bars and the loss line (engine/report/plots.py)
 
 
 @pytest.fixture
@@ -62,6 +63,32 @@ def test_markdown_report_has_table_plots_and_samples(finished_run):
     assert (finished_run.run_dir / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Behaviour suites" in md and "## lm-eval: envsci_mc" in md
     assert "What is eutrophication?" in md and "fine-tuned (ROUGE-L 0.80)" in md
+
+
+def test_report_package_takes_plain_arguments_and_the_metric_directions(finished_run):
+    """No run context: a run dir, the config, the metrics, and which names are better lower."""
+    ev = finished_run.metrics["evaluate"]
+    ev["test"]["latency"], ev["base"]["test"]["latency"] = 2.0, 3.0
+    scales = Scales(lower_is_better=frozenset({"latency"}))
+    out = write_report(finished_run.run_dir, finished_run.cfg, finished_run.metrics, scales)
+    md = (finished_run.run_dir / "report.md").read_text()
+    assert out["html"].endswith("report.html")
+    assert "| latency | 3.0000 | 2.0000 | -1.0000 better |" in md
+    assert "| perplexity | 9.7000 | 4.2000 | -5.5000 worse |" in md  # not declared lower-is-better here
+    assert "(plots/metrics.png)" not in md  # no 0-1 metrics declared: no bar plot
+    assert "| `plots` |" in md  # the loss plot written with this very report is listed
+
+
+def test_preview_marks_exactly_the_trained_tokens():
+    from engine.model import TinySpec, build_tiny
+    from engine.report.preview import marked, preview_text
+
+    _, tok = build_tiny(TinySpec(kind="tiny"))
+    prompt, answer = tok("question ", add_special_tokens=False)["input_ids"], tok("answer", add_special_tokens=False)["input_ids"]
+    ex = SimpleNamespace(input_ids=prompt + answer, labels=[-100] * len(prompt) + answer)
+    assert marked(ex, tok) == "question [[answer]]"
+    text = preview_text([ex, ex], tok)
+    assert text.startswith(f"--- example 1/2: {len(ex.input_ids)} tokens, {len(answer)} trained on [[ ]] ---\n")
 
 
 def test_html_is_self_contained_and_escapes_generations(finished_run):

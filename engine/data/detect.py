@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.data.spec import FIELDS, REQUIRED
+from engine.data.kinds import FIELDS, REQUIRED
 
 AUTO_ORDER = ("instruction", "qa", "chat", "sharegpt", "text")
 TURNS = {"chat": ("messages", ("role", "content")), "sharegpt": ("conversations", ("from", "value"))}

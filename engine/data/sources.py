@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.data.spec import HUB_PREFIX
+from engine.data.kinds import HUB_PREFIX
 from engine.errors import UserError
 
 FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")

@@ -17,33 +17,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from engine.data.kinds import AUTO, FIELDS, HUB_PREFIX, MISSING, REQUIRED  # noqa: F401  (re-exported)
 from engine.registry import Spec
-
-# Per shape: the logical fields a row provides and the column each is read from by default.
-# These are the only defaults: presets leave ``fields`` empty, so switching ``data.kind``
-# brings that kind's columns, and ``data.fields.<logical>=<column>`` renames only what it names.
-FIELDS: dict[str, dict[str, str]] = {
-    "instruction": {"instruction": "instruction", "input": "input", "output": "output", "system": "system"},
-    "qa": {"prompt": "question", "response": "answer", "system": "system"},
-    "chat": {"messages": "messages"},
-    "sharegpt": {"conversations": "conversations"},
-    "text": {"text": "text"},
-    "documents": {},
-}
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "instruction": ("instruction", "output"),
-    "qa": ("prompt", "response"),
-    "chat": ("messages",),
-    "sharegpt": ("conversations",),
-    "text": ("text",),
-}
-"""The logical fields every row of a shape must have (the others are optional)."""
-AUTO = "auto"
-"""``kind: auto``: the shape is read from the file's columns at validation (``engine.data.detect``)."""
-FIELDS[AUTO] = {name: name for kind in REQUIRED for name in FIELDS[kind]}
-
-HUB_PREFIX = "hf:"
-MISSING = "???"
 
 
 class SplitSpec(BaseModel):

@@ -1,7 +1,8 @@
 """Evaluation machinery behind the ``evaluate`` stage.
 
+  compare.py     base vs fine-tuned on the same prompts: what the evaluate stage calls (EvalJob)
   spec.py        the ``eval`` config group's schema
-  metrics.py     pure metric functions by family (text, numeric) and the metric registry
+  metrics.py     every metric, one decorated function each (@metric): the registry eval.metrics is checked against
   generation.py  batched greedy generation with the training template's stops; perplexity
   numeric.py     expected-value readout of numeric answers
   embeddings.py  cosine similarity (all-MiniLM-L6-v2, or a TF-IDF fallback)

@@ -1,9 +1,17 @@
-"""Metrics on (prediction, reference) pairs: pure functions, no model, no I/O.
+"""Every metric ``eval.metrics`` can name: one function each, registered with ``@metric``.
 
-Text metrics return a score in [0, 1] (higher is better). Corpus metrics take the whole
-list at once: BLEU is a corpus statistic (sacrebleu), cosine needs an embedding model
-(engine/evaluation/embeddings.py). Numeric metrics parse a value out of each text and
-compare values; they are the ones to pick for answers like "Score: 0.42".
+Adding a metric is one decorated function in this file: its name is then valid in
+``eval.metrics`` (the schema reads ``METRICS``), the evaluate stage computes it, and the
+report knows which way is better and whether it belongs on the 0-1 bar plot. Families, by
+what the function takes:
+
+  pairwise  f(pred, ref) -> float in [0, 1], averaged over the pairs (exact_match, token_f1, rougeL)
+  corpus    f(preds, refs) -> float, a statistic of the whole list (bleu)
+  numeric   f(values: Values) -> float | None, on the numbers the texts state (mae, within_tol ...)
+  model     f(run: ModelRun) -> (value, facts), needs the model or an embedder (cosine, perplexity)
+
+Everything but the model family is a pure function (no model, no I/O); model metrics import
+their machinery (embeddings.py, generation.py) only when called, so validation stays light.
 
 Conventions, the same everywhere (the tests pin them):
 - two empty texts agree perfectly (1.0); one empty and one not score 0.0;
@@ -19,6 +27,77 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from engine.registry import did_you_mean
+
+Family = Literal["pairwise", "corpus", "numeric", "model"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    family: Family
+    fn: Callable
+    lower_is_better: bool
+    """The report marks a decrease as the improvement (mae, perplexity)."""
+    unit: bool
+    """Always in [0, 1]: drawn on the report's base vs fine-tuned bar plot."""
+    summary: str
+
+
+METRICS: dict[str, Metric] = {}
+"""Metric name -> its entry, in registration order (the order results are listed in)."""
+
+
+def metric(name: str, family: Family, *, lower_is_better: bool = False, unit: bool = True) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as the metric ``name`` (refuses a name taken twice).
+
+    ``unit=False`` for metrics that leave [0, 1] (errors, R², perplexity); plugins may
+    register their own (``plugins: [my_metrics]``) before the config is validated.
+    """
+
+    if family not in get_args(Family):
+        raise ValueError(f"metric '{name}': unknown family '{family}'; valid: {', '.join(get_args(Family))}")
+
+    def deco(fn: Callable) -> Callable:
+        if name in METRICS:
+            raise ValueError(f"metric '{name}' is already registered")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        METRICS[name] = Metric(name, family, fn, lower_is_better, unit, doc[0] if doc else "")
+        return fn
+
+    return deco
+
+
+def unknown(names: list[str]) -> str | None:
+    """Why some of ``names`` are not metrics, with the valid ones; None when all are."""
+    bad = [n for n in names if n not in METRICS]
+    if not bad:
+        return None
+    hints = "; ".join(f"unknown metric {n!r}{did_you_mean(str(n), list(METRICS))}" for n in bad)
+    return f"{hints}; valid: {', '.join(METRICS)}"
+
+
+def lower_is_better_names() -> frozenset[str]:
+    """Result names where smaller is better, numeric ones with their expected-value twin (``mae_ev``)."""
+    return _with_ev_twins(m for m in METRICS.values() if m.lower_is_better)
+
+
+def unit_scale_names() -> frozenset[str]:
+    """Result names always in [0, 1] (and their ``_ev`` twins): the ones the report plots as bars."""
+    return _with_ev_twins(m for m in METRICS.values() if m.unit)
+
+
+def _with_ev_twins(entries) -> frozenset[str]:
+    out: set[str] = set()
+    for m in entries:
+        out |= {m.name, f"{m.name}_ev"} if m.family == "numeric" else {m.name}
+    return frozenset(out)
+
+
+# --- text -------------------------------------------------------------------------------------
 
 NUMBER = r"(?:(?<![\w.])[-+−])?(?<![\w.])(?:\d+(?:[.,]\d+)*|\.\d+)(?:[eE][-+]?\d+)?"
 # Punctuation that is part of a number: a decimal point or thousands comma between
@@ -38,10 +117,13 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
+@metric("exact_match", "pairwise")
 def exact_match(pred: str, ref: str) -> float:
+    """1.0 when the normalised texts are equal."""
     return float(normalize(pred) == normalize(ref))
 
 
+@metric("token_f1", "pairwise")
 def token_f1(pred: str, ref: str) -> float:
     """Harmonic mean of token precision and recall over normalised bags of words."""
     p, r = normalize(pred).split(), normalize(ref).split()
@@ -74,6 +156,7 @@ class _UnicodeRougeTokenizer:
 _SCORER = None
 
 
+@metric("rougeL", "pairwise")
 def rouge_l(pred: str, ref: str) -> float:
     """ROUGE-L F-measure (rouge-score's LCS, Porter stemming, Unicode-aware tokens)."""
     global _SCORER
@@ -88,6 +171,7 @@ def rouge_l(pred: str, ref: str) -> float:
     return _SCORER.score(ref, pred)["rougeL"].fmeasure
 
 
+@metric("bleu", "corpus")
 def bleu(preds: list[str], refs: list[str]) -> float:
     """Corpus BLEU (sacrebleu defaults: 13a tokens, exp smoothing), scaled to [0, 1]."""
     import sacrebleu
@@ -125,58 +209,156 @@ def parse_number(text: str, pattern: str | None = None) -> float | None:
         return None
 
 
-def numeric_scores(preds: list[str], refs: list[str], *, tolerance: float = 0.2, pattern: str | None = None) -> dict:
-    """MAE, RMSE, R², within-tolerance accuracy and parse rate of stated values.
+@dataclass(frozen=True)
+class Values:
+    """The numbers the texts state: what a numeric metric scores.
 
-    Only pairs whose reference holds a number count. ``parse_rate`` is the share of those
-    whose prediction holds one too; ``within_tol`` counts an unparsable prediction as a
-    miss (so it never looks better by saying nothing); the error metrics use the parsed
-    pairs only (``None`` when there are none; ``r2`` is ``None`` when the references do
-    not vary).
+    Only pairs whose reference states a number count (``pairs``); a prediction that states
+    none is ``None`` there, so each metric decides how silence counts.
     """
-    pairs = [(parse_number(p, pattern), parse_number(r, pattern)) for p, r in zip(preds, refs, strict=True)]
-    scored = [(p, r) for p, r in pairs if r is not None]
-    parsed = [(p, r) for p, r in scored if p is not None]
-    out: dict = {"numeric_examples": len(scored)}
-    out["parse_rate"] = len(parsed) / len(scored) if scored else None
-    out["within_tol"] = sum(abs(p - r) <= tolerance + 1e-12 for p, r in parsed) / len(scored) if scored else None
-    if not parsed:
-        return {**out, "mae": None, "rmse": None, "r2": None}
-    errors = [p - r for p, r in parsed]
-    out["mae"] = sum(abs(e) for e in errors) / len(errors)
-    out["rmse"] = math.sqrt(sum(e * e for e in errors) / len(errors))
-    mean = sum(r for _, r in parsed) / len(parsed)
-    ss_tot = sum((r - mean) ** 2 for _, r in parsed)
-    out["r2"] = 1 - sum(e * e for e in errors) / ss_tot if ss_tot > 0 else None
-    return out
+
+    pairs: list[tuple[float | None, float]]
+    tolerance: float
+
+    @property
+    def parsed(self) -> list[tuple[float, float]]:
+        return [(p, r) for p, r in self.pairs if p is not None]
+
+    @property
+    def errors(self) -> list[float]:
+        return [p - r for p, r in self.parsed]
 
 
-# --- the table the evaluate stage reads -------------------------------------------------
+def read_values(preds: list[str], refs: list[str], *, tolerance: float = 0.2, pattern: str | None = None) -> Values:
+    stated = [(parse_number(p, pattern), parse_number(r, pattern)) for p, r in zip(preds, refs, strict=True)]
+    return Values([(p, r) for p, r in stated if r is not None], tolerance)
 
-PAIRWISE: dict[str, Callable[[str, str], float]] = {"exact_match": exact_match, "token_f1": token_f1, "rougeL": rouge_l}
-CORPUS: dict[str, Callable[[list[str], list[str]], float]] = {"bleu": bleu}
-NUMERIC = ("mae", "rmse", "r2", "within_tol", "parse_rate")
-"""Computed together by ``numeric_scores``; pick any of them by name."""
-MODEL_BASED = ("cosine", "perplexity")
-"""Need a model: computed in engine/evaluation/, not here."""
-ALL = (*PAIRWISE, *CORPUS, *MODEL_BASED, *NUMERIC)
+
+@metric("parse_rate", "numeric")
+def parse_rate(v: Values) -> float | None:
+    """Share of the references' numbers that the prediction states a number for."""
+    return len(v.parsed) / len(v.pairs) if v.pairs else None
+
+
+@metric("within_tol", "numeric")
+def within_tol(v: Values) -> float | None:
+    """Share within ±tolerance; an unparsable prediction is a miss (saying nothing never looks better)."""
+    return sum(abs(p - r) <= v.tolerance + 1e-12 for p, r in v.parsed) / len(v.pairs) if v.pairs else None
+
+
+@metric("mae", "numeric", lower_is_better=True, unit=False)
+def mae(v: Values) -> float | None:
+    """Mean absolute error of the parsed pairs (None when none parsed)."""
+    return sum(abs(e) for e in v.errors) / len(v.errors) if v.errors else None
+
+
+@metric("rmse", "numeric", lower_is_better=True, unit=False)
+def rmse(v: Values) -> float | None:
+    """Root mean squared error of the parsed pairs (None when none parsed)."""
+    return math.sqrt(sum(e * e for e in v.errors) / len(v.errors)) if v.errors else None
+
+
+@metric("r2", "numeric", unit=False)
+def r2(v: Values) -> float | None:
+    """Coefficient of determination of the parsed pairs (None when none parsed or the references do not vary)."""
+    if not v.errors:
+        return None
+    refs = [r for _, r in v.parsed]
+    mean = sum(refs) / len(refs)
+    ss_tot = sum((r - mean) ** 2 for r in refs)
+    return 1 - sum(e * e for e in v.errors) / ss_tot if ss_tot > 0 else None
+
+
+def numeric_scores(preds: list[str], refs: list[str], *, tolerance: float = 0.2, pattern: str | None = None) -> dict:
+    """Every numeric metric at once, plus ``numeric_examples`` (pairs whose reference states a number)."""
+    values = read_values(preds, refs, tolerance=tolerance, pattern=pattern)
+    return {"numeric_examples": len(values.pairs), **{m.name: m.fn(values) for m in _family("numeric")}}
+
+
+# --- model-based ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """What a model-based metric may use besides the texts (plain values from the evaluate package)."""
+
+    model: Any
+    tokenizer: Any
+    examples: list
+    """The tokenized examples (their labels mark the reference answer's tokens)."""
+    preds: list[str]
+    refs: list[str]
+    embedding: str
+    """Back end of cosine: auto | minilm | tfidf."""
+    batch_size: int
+    device: Any
+    autocast: Any = None
+
+
+@metric("cosine", "model")
+def cosine(run: ModelRun) -> tuple[float | None, dict]:
+    """Mean cosine similarity of sentence embeddings (the back end is recorded: they are not comparable)."""
+    from engine.evaluate.embeddings import cosine_scores
+
+    sims, backend = cosine_scores(run.preds, run.refs, run.embedding)
+    return (sum(sims) / len(sims) if sims else None), {"cosine_backend": backend}
+
+
+@metric("perplexity", "model", lower_is_better=True, unit=False)
+def perplexity(run: ModelRun) -> tuple[float | None, dict]:
+    """exp(mean NLL) of the reference answers given their prompts, teacher-forced."""
+    from engine.evaluate.generation import reference_perplexity
+
+    ppl = reference_perplexity(
+        run.model,
+        run.examples,
+        pad_id=run.tokenizer.pad_token_id,
+        batch_size=run.batch_size,
+        device=run.device,
+        autocast=run.autocast,
+    )
+    return ppl, {}
+
+
+# --- scoring by name --------------------------------------------------------------------------
 
 
 def score(names: list[str], preds: list[str], refs: list[str], *, tolerance: float = 0.2, pattern: str | None = None) -> dict:
-    """The named text and numeric metrics (model-based ones are skipped here), rounded."""
+    """The named text and numeric metrics, rounded (model-based ones are ``score_with_model``'s)."""
+    chosen = [METRICS[n] for n in names if n in METRICS]
     out: dict = {}
-    n = max(1, len(preds))
-    for name in names:
-        if name in PAIRWISE:
-            out[name] = sum(PAIRWISE[name](p, r) for p, r in zip(preds, refs, strict=True)) / n
-        elif name in CORPUS:
-            out[name] = CORPUS[name](preds, refs)
-    wanted = [n for n in names if n in NUMERIC]
-    if wanted:
-        num = numeric_scores(preds, refs, tolerance=tolerance, pattern=pattern)
-        out.update({k: num[k] for k in wanted})
-        out["numeric_examples"] = num["numeric_examples"]
+    values = None
+    for m in chosen:
+        if m.family == "pairwise":
+            out[m.name] = sum(m.fn(p, r) for p, r in zip(preds, refs, strict=True)) / max(1, len(preds))
+        elif m.family == "corpus":
+            out[m.name] = m.fn(preds, refs)
+        elif m.family == "numeric":
+            values = values or read_values(preds, refs, tolerance=tolerance, pattern=pattern)
+            out[m.name] = m.fn(values)
+    if values is not None:
+        out["numeric_examples"] = len(values.pairs)
     return {k: _round(v) for k, v in out.items()}
+
+
+def score_with_model(names: list[str], run: ModelRun) -> tuple[dict, dict]:
+    """The named model-based metrics, rounded, and the facts they report (e.g. ``cosine_backend``)."""
+    out: dict = {}
+    facts: dict = {}
+    for m in (METRICS[n] for n in names if n in METRICS and METRICS[n].family == "model"):
+        value, more = m.fn(run)
+        out[m.name] = _round(value)
+        facts.update(more)
+    return out, facts
+
+
+def numeric_names(names: list[str]) -> list[str]:
+    """Those of ``names`` that are numeric metrics."""
+    return [n for n in names if n in METRICS and METRICS[n].family == "numeric"]
+
+
+def _family(family: Family) -> list[Metric]:
+    return [m for m in METRICS.values() if m.family == family]
 
 
 def _round(v):

@@ -15,10 +15,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from engine.evaluate.metrics import ALL
+from engine.evaluate.metrics import unknown
 from engine.registry import Strict
-
-Metric = Literal[ALL]  # type: ignore[valid-type]
 
 DEFAULT_REFUSALS = [
     r"\bI (?:can(?:no|')t|won't|will not|am unable to|'m unable to|am not able to|'m not able to)\b",
@@ -35,7 +33,7 @@ class NumericSpec(Strict):
     """Regex whose first group holds the value (e.g. 'Score:\\s*(\\S+)'); null = the last number."""
     expected_value: bool = False
     """Also score the expected value of the answer's number under the model's digit/sign
-    distributions (what ce_regression trains; engine/evaluation/numeric.py): metrics *_ev."""
+    distributions (what ce_regression trains; engine/evaluate/numeric.py): metrics *_ev."""
 
     @field_validator("pattern")
     @classmethod
@@ -68,8 +66,8 @@ class EvalSpec(Strict):
     batch_size: int = Field(8, ge=1)
     compare_base: bool = True
     """Also evaluate the base model (adapter disabled) on the same prompts."""
-    metrics: list[Metric] = ["exact_match", "token_f1", "bleu", "rougeL", "cosine", "perplexity"]
-    """Text: exact_match token_f1 bleu rougeL cosine perplexity; numeric: mae rmse r2 within_tol parse_rate."""
+    metrics: list[str] = ["exact_match", "token_f1", "bleu", "rougeL", "cosine", "perplexity"]
+    """Names registered in engine/evaluate/metrics.py (``METRICS``); an unknown name lists the valid ones."""
     stop: list[str] = []
     """Extra stop strings; the template's end-of-turn marker always stops generation."""
     embedding: Literal["auto", "minilm", "tfidf"] = "auto"
@@ -87,6 +85,16 @@ class EvalSpec(Strict):
     shown beside this run's in the report, with which is better."""
     notes: list[str] = []
     """Paragraphs added to the report's evaluation section (e.g. reference numbers to compare with)."""
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_registered(cls, v: list[str]) -> list[str]:
+        # Checked against the registry at validation time, not frozen into a Literal at import:
+        # a metric a plugin registers is valid too.
+        problem = unknown(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("refusal_patterns")
     @classmethod

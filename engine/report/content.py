@@ -1,0 +1,201 @@
+"""What the report says, as blocks: what ran, data, training, evaluation, samples, artifacts.
+
+Reads only plain values: the run's config (its specs), the metrics recorded so far (nested
+by stage, as in metrics.json) and files in the run dir. Which metrics are better lower and
+which belong on the 0-1 bar plot comes from the caller (the metric registry lives in the
+evaluate package, which this package does not import).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.report.blocks import Block
+
+
+@dataclass(frozen=True)
+class Scales:
+    """How to read metric names: the evaluate package's registry, handed over by the stage."""
+
+    lower_is_better: frozenset[str] = frozenset()
+    """A decrease is the improvement (perplexity, mae ...)."""
+    unit: frozenset[str] = frozenset()
+    """Always in [0, 1]: drawn on the base vs fine-tuned bar plot."""
+
+
+def build(run_dir: Path, cfg: Any, metrics: dict, scales: Scales) -> list[Block]:
+    """All sections, in reading order; a section whose stage did not run is left out."""
+    ev = metrics.get("evaluate", {})
+    out = [Block("p", _what_ran(run_dir, cfg, ev))]
+    if "prepare_data" in metrics:
+        out += [Block("h2", "Data"), Block("p", _data_line(metrics["prepare_data"]))]
+    if "train" in metrics:
+        out += [Block("h2", "Training"), Block("p", _train_line(metrics["train"]))]
+    log = _train_log(run_dir, ev)
+    if log:
+        from engine.report.plots import loss_curve
+
+        out.append(Block("img", "Training loss per optimizer step", png=loss_curve(*zip(*log, strict=True)), name="loss.png"))
+    if ev and "skipped" not in ev:
+        out += _evaluation(cfg.eval, ev, scales)
+        out += _samples(run_dir, cfg.eval.report_examples)
+    plots = any(b.kind == "img" for b in out)  # written with the report, after this list is built
+    out += [Block("h2", "Artifacts"), Block("table", header=["file", "what"], rows=_artifacts(run_dir, plots))]
+    return out
+
+
+def _what_ran(run_dir: Path, cfg: Any, ev: dict) -> str:
+    model = getattr(cfg.model, "name_or_path", None) or getattr(cfg.model, "file", None) or cfg.model.kind
+    parts = [
+        f"Run dir `{run_dir}`; stages: {', '.join(cfg.stages)}.",
+        f"Model: {cfg.model.kind} ({model}), quantization: {cfg.quantization.kind}, adapter: {cfg.adapter.kind}, "
+        f"loss: {cfg.loss.kind}; data: {cfg.data.kind} from `{cfg.data.path}`.",
+    ]
+    if ev.get("evaluated_run"):
+        parts.append(f"Evaluates the finished run `{ev['evaluated_run']}` (its config and trained weights).")
+    return " ".join(parts)
+
+
+def _data_line(d: dict) -> str:
+    return (
+        f"{d.get('rows_read')} rows read, {d.get('rows_used')} used, {d.get('rows_rejected')} rejected "
+        f"{d.get('rejected_by_reason') or ''}; splits: train {d.get('train_examples')}, "
+        f"validation {d.get('validation_examples')}, test {d.get('test_examples')}; "
+        f"{d.get('truncated')} truncated."
+    )
+
+
+def _train_line(t: dict) -> str:
+    return (
+        f"{t.get('steps')} steps on {t.get('device')} (mixed precision: {t.get('precision')}) in "
+        f"{t.get('train_seconds')} s, {t.get('tokens_per_s')} tokens/s; "
+        f"loss {t.get('first_loss')} -> {t.get('final_loss')}."
+    )
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _change(name: str, base, tuned, lower_is_better: frozenset[str]) -> str:
+    if not isinstance(base, int | float) or not isinstance(tuned, int | float):
+        return ""
+    delta = tuned - base
+    better = delta < 0 if name in lower_is_better else delta > 0
+    mark = "" if abs(delta) < 1e-9 else (" better" if better else " worse")
+    return f"{delta:+.4f}{mark}"
+
+
+def _compare_table(names, tuned: dict, base: dict, scales: Scales, header=("base", "fine-tuned")) -> Block:
+    if base:
+        rows = [
+            [k, _fmt(base.get(k)), _fmt(tuned.get(k)), _change(k, base.get(k), tuned.get(k), scales.lower_is_better)]
+            for k in names
+        ]
+        return Block("table", header=["metric", *header, "change"], rows=rows)
+    return Block("table", header=["metric", header[1]], rows=[[k, _fmt(tuned.get(k))] for k in names])
+
+
+def _evaluation(spec: Any, ev: dict, scales: Scales) -> list[Block]:
+    split = spec.split
+    tuned, base_all = ev.get(split, {}), ev.get("base", {})
+    base = base_all.get(split, {})
+    names = [k for k in tuned if k not in ("numeric_examples",)]
+    out = [Block("h2", f"Evaluation: base vs fine-tuned ({split} split, {ev.get('examples')} held-out examples)")]
+    out += [Block("p", _evaluation_note(ev, names)), _compare_table(names, tuned, base, scales)]
+    if spec.compare_run:
+        out += _versus_run(spec.compare_run, split, names, tuned, scales)
+    out += [Block("p", text) for text in spec.notes]
+    unit = [k for k in names if k in scales.unit and isinstance(tuned.get(k), int | float)]
+    if unit:
+        from engine.report.plots import metric_bars
+
+        png = metric_bars(unit, [base.get(k) for k in unit], [tuned.get(k) for k in unit], f"{split} split")
+        out.append(Block("img", "Base vs fine-tuned, metrics on a 0-1 scale", png=png, name="metrics.png"))
+    if ev.get("suites"):
+        s_tuned, s_base = ev["suites"], base_all.get("suites", {})
+        out += [Block("h2", "Behaviour suites (pass rate)"), _compare_table(list(s_tuned), s_tuned, s_base, scales)]
+    for task, task_metrics in (ev.get("lm_eval") or {}).items():
+        b = (base_all.get("lm_eval") or {}).get(task, {})
+        out += [Block("h2", f"lm-eval: {task}"), _compare_table(list(task_metrics), task_metrics, b, scales)]
+    return out
+
+
+def _evaluation_note(ev: dict, names: list[str]) -> str:
+    note = [f"Same prompts for both; greedy decoding, stops: {', '.join(f'`{s!r}`' for s in ev.get('stops', []))}."]
+    if "perplexity" in names:
+        note.append("Perplexity is of the reference answers (lower is better).")
+    if ev.get("cosine_backend"):
+        note.append(f"Cosine similarity by {ev['cosine_backend']}.")
+    return " ".join(note)
+
+
+def _versus_run(run: str, split: str, names: list[str], tuned: dict, scales: Scales) -> list[Block]:
+    """This run's fine-tuned metrics beside another finished run's (same split and metric names)."""
+    path = Path(run).expanduser() / "metrics.json"
+    try:
+        other_all = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return [Block("p", f"eval.compare_run: could not read {path} ({e}); no comparison.")]
+    other = other_all.get("evaluate", {}).get(split, {})
+    steps = other_all.get("train", {}).get("steps")
+    table = _compare_table([k for k in names if k in other], tuned, other, scales, header=("comparison run", "this run"))
+    return [
+        Block("h2", "This run vs the comparison run"),
+        Block("p", f"Comparison run `{run}`{_run_summary(run)}; {steps} training steps; same {split} split and metrics."),
+        table,
+    ]
+
+
+def _run_summary(run: str) -> str:
+    cfg_path = Path(run).expanduser() / "config.yaml"
+    if not cfg_path.is_file():
+        return ""
+    import yaml
+
+    c = yaml.safe_load(cfg_path.read_text()) or {}
+    return f" (loss {c.get('loss', {}).get('kind')}, {c.get('train', {}).get('max_steps')} steps, seed {c.get('seed')})"
+
+
+def _samples(run_dir: Path, n: int) -> list[Block]:
+    path = run_dir / "generations.jsonl"
+    if not path.exists() or n == 0:
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines()[:n]]
+    out = [Block("h2", f"Side-by-side generations (first {len(rows)} held-out examples)")]
+    for r in rows:
+        question = r["prompt"].rsplit("user\n", 1)[-1].split("<|im_end|>")[0].strip()
+        out.append(Block("sample", sample={"question": question, **r}))
+    return out
+
+
+def _train_log(run_dir: Path, ev: dict) -> list[tuple[int, float]]:
+    """(step, loss) from train_log.jsonl here, or in the evaluated run's dir."""
+    for d in [run_dir, Path(ev["evaluated_run"]) if ev.get("evaluated_run") else None]:
+        if d is not None and (d / "train_log.jsonl").exists():
+            rows = [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines() if x.strip()]
+            return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    return []
+
+
+ARTIFACTS = [
+    ("config.yaml", "resolved config"),
+    ("metrics.json", "all metrics, nested by stage"),
+    ("train_log.jsonl", "step, loss, lr, tokens/s"),
+    ("adapter", "PEFT adapter (peft.PeftModel.from_pretrained)"),
+    ("model", "full fine-tuned model (no adapter)"),
+    ("generations.jsonl", "prompts, references, base and fine-tuned answers with ROUGE-L"),
+    ("suites.jsonl", "behaviour-suite answers, pass/fail and failed checks"),
+    ("lm_eval_tasks", "the lm-eval task YAMLs that were run"),
+    ("plots", "the report's plots as PNG"),
+    ("rejected.jsonl", "rows that could not be used, with the reason"),
+]
+
+
+def _artifacts(run_dir: Path, plots: bool) -> list[list[str]]:
+    return [[f"`{name}`", what] for name, what in ARTIFACTS if (run_dir / name).exists() or (name == "plots" and plots)]
