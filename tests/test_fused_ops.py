@@ -141,16 +141,20 @@ def test_norms_with_other_maths_are_left_alone(name):
     assert use_fused_rms_norm(norm) == 0 and type(norm).__name__ == name
 
 
-def test_the_trainer_fuses_on_cpu_trains_the_same_and_restores_rope(tmp_path):
-    """train.fused_ops: the same loss curve as the unfused run; the patch ends with training."""
+def test_the_trainer_fuses_on_cpu_trains_the_same_and_restores_everything(tmp_path, monkeypatch):
+    """train.fused_ops: the same loss curve as the unfused run; norms and rope are restored after training."""
     import json
 
     from accelerate.state import AcceleratorState
     from conftest import QUICK_TRAIN, compose
     from transformers.models.llama import modeling_llama
 
+    import engine.speed.apply as speed_apply
     from engine.pipeline import run
 
+    fused_counts = []
+    original_use = speed_apply.use_fused_rms_norm
+    monkeypatch.setattr(speed_apply, "use_fused_rms_norm", lambda m: fused_counts.append(original_use(m)) or fused_counts[-1])
     original = modeling_llama.apply_rotary_pos_emb
     curves, norms = {}, {}
     for fused in (True, False):
@@ -161,5 +165,35 @@ def test_the_trainer_fuses_on_cpu_trains_the_same_and_restores_rope(tmp_path):
         curves[fused] = [json.loads(r)["loss"] for r in rows]
         norms[fused] = {type(m).__name__ for m in ctx.model().modules() if type(m).__name__.endswith("RMSNorm")}
         assert modeling_llama.apply_rotary_pos_emb is original
-    assert norms[True] == {"FusedLlamaRMSNorm"} and norms[False] == {"LlamaRMSNorm"}
+    assert fused_counts and fused_counts[0] > 0, "the fused run swapped no norm"
+    assert len(fused_counts) == 1, "train.fused_ops=false still fused"
+    assert norms[True] == norms[False] == {"LlamaRMSNorm"}
     assert curves[True] == pytest.approx(curves[False], rel=1e-4)
+
+
+def test_speedups_enter_together_and_undo_everything():
+    """engine.speed.apply.speedups: norms, rope, segments and compile applied inside, all undone on exit."""
+    from transformers.models.llama import modeling_llama
+
+    from engine.speed.apply import speedups
+
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    model.set_attn_implementation("sdpa")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    original = modeling_llama.apply_rotary_pos_emb
+    kw = {"device_type": "cpu", "packing": True, "keep_freed_memory": False, "fused_ops": True, "compile": True}
+    with pytest.raises(RuntimeError, match="boom"), speedups(model, **kw) as applied:
+        assert applied.segments and model.config._attn_implementation == "sdpa_segments"
+        assert applied.fused_norms == 3 and type(model.model.norm).__name__ == "FusedLlamaRMSNorm"
+        assert applied.fused_rope == 1 and modeling_llama.apply_rotary_pos_emb is not original
+        assert applied.compiled > 0 and model.model.norm._compiled_call_impl is not None
+        raise RuntimeError("boom")  # undone on errors too
+    assert model.config._attn_implementation == "sdpa"
+    assert {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("RMSNorm")} == {"LlamaRMSNorm"}
+    assert modeling_llama.apply_rotary_pos_emb is original
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
+    with speedups(model, **{**kw, "device_type": "cuda", "packing": False, "compile": False}) as applied:
+        assert not applied.segments and applied.fused_norms == 0  # CPU-only switches stay off elsewhere

@@ -12,21 +12,21 @@ from safetensors.torch import load_file
 
 from engine.adapter import load_stacked
 
+LAYERED = [
+    *QUICK_TRAIN,
+    "adapter=layered",
+    "adapter.steps=[2,1,1]",
+    "adapter.scales=[1.0,0.5,0.25]",
+    "stages=[prepare_data,train_layered]",
+    "data.limit=16",
+]
+
 
 @pytest.fixture(scope="module")
 def layered_run(tmp_path_factory):
     from engine.pipeline import run
 
-    cfg = compose(
-        [
-            *QUICK_TRAIN,
-            "adapter=layered",
-            "adapter.steps=[2,1,1]",
-            "adapter.scales=[1.0,0.5,0.25]",
-            "stages=[prepare_data,train_layered]",
-            "data.limit=16",
-        ]
-    )
+    cfg = compose(LAYERED)
     run_dir = tmp_path_factory.mktemp("layered") / "run"
     ctx = run(cfg, run_dir)
     return run_dir, ctx
@@ -102,6 +102,21 @@ def test_trained_model_is_left_stacked_with_the_eval_scales(layered_run):
 def test_missing_level_is_a_clear_error(layered_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="level_4"):
         load_stacked(base_model(), layered_run[0] / "adapter", [1, 4])
+
+
+def test_resume_never_moves_the_old_levels_aside(layered_run, tmp_path):
+    """Without this, level_K's old checkpoints stay and are resumed by the next run (step-K is never rewritten)."""
+    import shutil
+
+    from engine.pipeline import run
+
+    run_dir = tmp_path / "again"
+    shutil.copytree(layered_run[0], run_dir)
+    (run_dir / "levels" / "level_1" / "checkpoints" / "step-2" / "old").write_text("the earlier attempt")
+    run(compose([*LAYERED, "train.resume=never"]), run_dir)
+    assert len(list((run_dir / "superseded").glob("*/levels/level_1/checkpoints/step-2/old"))) == 1
+    fresh = run_dir / "levels" / "level_1" / "checkpoints" / "step-2"
+    assert (fresh / "state.json").is_file() and not (fresh / "old").exists()  # written afresh by this run
 
 
 def test_layered_config_needs_one_value_per_level():

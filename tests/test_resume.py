@@ -118,6 +118,107 @@ def test_changed_config_refuses_and_force_goes_on(baseline, tmp_path):
     assert list(run_dir.glob("config.*.yaml")), "the earlier config.yaml is kept beside the new one"
 
 
+# ---------------------------------------------------------------- damaged checkpoints
+
+
+def _damage(path: Path, offset: int, data: bytes) -> None:
+    """Overwrite bytes in place: the file keeps its size, only its checksum can tell."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    assert path.stat().st_size == size
+
+
+def test_damaged_checkpoints_are_skipped_reported_and_resume_stays_bit_identical(baseline, tmp_path):
+    run_dir = tmp_path / "damaged"
+    ckpts = run_dir / "checkpoints"
+    r = _run(run_dir, crash_at="step:7")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert [c.step for c in complete_checkpoints(run_dir)] == [4, 6]
+
+    # 1. 64 zero bytes in the middle of the latest checkpoint's weights: step-4 is used instead,
+    #    step-6 is set aside (so it can be written afresh: this run dies at step 7 again).
+    weights = ckpts / "step-6" / "trainable.safetensors"
+    _damage(weights, weights.stat().st_size // 2, bytes(64))
+    r = _run(run_dir, crash_at="step:7")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert "checkpoint step-6 is damaged: trainable.safetensors checksum mismatch; using step-4" in r.stdout
+    assert "resuming from" in r.stdout and "(step 4)" in r.stdout
+    assert (ckpts / "damaged-step-6").is_dir()
+    assert [c.step for c in complete_checkpoints(run_dir)] == [4, 6]
+
+    # 2. A damaged safetensors header (the JSON after the 8-byte length): the same, no SafetensorError.
+    _damage(ckpts / "step-6" / "trainable.safetensors", 8, b"#" * 16)
+    r = _run(run_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoint step-6 is damaged: trainable.safetensors checksum mismatch; using step-4" in r.stdout
+    assert "Traceback" not in r.stderr and "SafetensorError" not in r.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["train"]["resumed_from_step"] == 4
+    same = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert same == (baseline / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert [rec["loss"] for rec in _log(run_dir)] == [rec["loss"] for rec in _log(baseline)]
+
+    # 3. Every checkpoint damaged: refused (exit 2), never a silent start from step 0.
+    for step in (6, 8):
+        _damage(ckpts / f"step-{step}" / "optimizer.pt", 100, bytes(64))
+    r = _run(run_dir)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "every checkpoint" in r.stderr and "step-8: optimizer.pt checksum mismatch" in r.stderr
+    assert "train.resume=never" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == ["damaged-step-6", "step-6", "step-8"]  # nothing moved
+
+
+# ---------------------------------------------------------------- train.resume=force
+
+
+@pytest.fixture(scope="module")
+def forced(tmp_path_factory) -> Path:
+    """Killed after step 5 (checkpoints step-2, step-4), then resumed with a doubled lr."""
+    run_dir = tmp_path_factory.mktemp("force") / "run"
+    r = _run(run_dir, crash_at="step:5")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    r = _run(run_dir, "train.lr=2e-3", "train.resume=force")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout and "(step 4)" in r.stdout
+    return run_dir
+
+
+def test_force_trains_with_the_new_lr_it_records(baseline, forced):
+    log, base_log = _log(forced), _log(baseline)
+    assert [rec["step"] for rec in log] == list(range(1, 9))
+    assert [rec["lr"] for rec in log[:4]] == [rec["lr"] for rec in base_log[:4]]  # the part before the resume
+    # After it: the same schedule at twice the lr (base_lrs and the current lr re-applied).
+    assert [rec["lr"] for rec in log[4:]] == pytest.approx([2 * rec["lr"] for rec in base_log[4:]], rel=1e-12)
+    assert "lr: 0.002" in (forced / "config.yaml").read_text()
+    new = (forced / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert new != (baseline / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_force_refuses_keys_it_cannot_honour(forced, tmp_path):
+    run_dir = tmp_path / "refused"
+    shutil.copytree(forced, run_dir)
+    r = _run(run_dir, "train.lr=2e-3", "adapter.r=4", "train.micro_batch_size=4", "train.resume=force")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "adapter.r: 16 -> 4 cannot change on resume, even with train.resume=force" in r.stderr
+    assert "train.micro_batch_size: 2 -> 4 cannot change on resume" in r.stderr
+    assert "train.lr" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_exploding_training_stops_and_keeps_the_last_good_checkpoint(forced, tmp_path):
+    run_dir = tmp_path / "boom"
+    shutil.copytree(forced, run_dir)
+    adapter = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    r = _run(run_dir, "train.lr=1e9", "train.max_steps=10", "train.resume=force")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "step 9: the trainable weights grew" in r.stderr
+    assert "train.lr=1e9 is likely too high; the last good checkpoint step-8 is kept" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert [c.step for c in complete_checkpoints(run_dir)] == [6, 8]  # nothing written from the broken step
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert [rec["step"] for rec in _log(run_dir)] == list(range(1, 9))
+
+
 def test_tensorboard_events_and_plot_exist(baseline):
     events = list((baseline / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0

@@ -210,3 +210,90 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- checksums, force, divergence
+
+
+def test_damaged_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, capsys):
+    _write(tmp_path, 2)
+    bad = _write(tmp_path, 4)
+    state = json.loads((bad / "state.json").read_text())
+    assert set(state["files"]["optimizer.pt"]) == {"size", "sha256"}
+    with open(bad / "trainable.safetensors", "r+b") as f:  # same size, other bytes
+        f.seek(20)
+        f.write(b"\0" * 4)
+    assert [c.step for c in ck.complete_checkpoints(tmp_path)] == [2, 4]  # sizes alone cannot tell
+    assert ck.resume_checkpoint(tmp_path, is_main=True).step == 2
+    assert "checkpoint step-4 is damaged: trainable.safetensors checksum mismatch; using step-2" in capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "damaged-step-4").is_dir() and not bad.exists()
+
+
+def test_no_intact_checkpoint_is_refused_and_old_manifests_still_load(tmp_path):
+    old = _write(tmp_path, 2)
+    state = json.loads((old / "state.json").read_text())
+    state["files"] = {name: entry["size"] for name, entry in state["files"].items()}  # written before checksums
+    (old / "state.json").write_text(json.dumps(state))
+    assert ck.resume_checkpoint(tmp_path, is_main=True).step == 2
+    (old / "rng.pt").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"every checkpoint .* damaged \(step-2: rng.pt has 1 bytes.*train\.resume=never"):
+        ck.resume_checkpoint(tmp_path, is_main=True)
+    assert old.is_dir()  # nothing is moved when nothing is usable
+
+
+def test_force_refuses_what_resume_cannot_reapply():
+    raw = compose([*TINY]).raw
+    new = json.loads(json.dumps(raw))
+    new["train"].update(lr=1.0, max_steps=99, warmup_steps=1, micro_batch_size=7)
+    new["adapter"]["r"] = 3
+    new["seed"] = 5
+    refused = ck.force_refusals(ck.hashed_config(raw), ck.hashed_config(new))
+    assert [r.split(":")[0] for r in refused] == ["adapter.r", "seed", "train.micro_batch_size"]
+    assert "which parameters train or their shapes" in refused[0]
+
+
+def test_reapplied_hyperparameters_follow_the_new_config():
+    from engine.train.loop import reapply_hyperparameters
+
+    def make(lr: float, total: int):
+        w = torch.nn.Parameter(torch.ones(2))
+        opt = torch.optim.AdamW([w], lr=lr, weight_decay=0.0)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", 2, total))
+
+    opt, sched = make(1e-3, 10)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    saved = (opt.state_dict(), sched.state_dict())
+    # Unchanged config: every value is the one loaded (resume stays bit-identical).
+    same_opt, same_sched = make(1e-3, 10)
+    same_opt.load_state_dict(saved[0])
+    same_sched.load_state_dict(saved[1])
+    reapply_hyperparameters(same_opt, same_sched, compose([*TINY, "train.lr=1e-3"]).train)
+    assert same_sched.get_last_lr() == sched.get_last_lr() and same_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    # Changed lr, length and weight decay: the new schedule at the restored step.
+    new_opt, new_sched = make(1e-3, 20)
+    new_opt.load_state_dict(saved[0])
+    new_sched.load_state_dict(saved[1])
+    tcfg = compose([*TINY, "train.lr=5e-3", "train.weight_decay=0.1", "train.betas=[0.8,0.9]"]).train
+    reapply_hyperparameters(new_opt, new_sched, tcfg)
+    want = 5e-3 * lr_lambda("cosine", 2, 20)(4)
+    assert new_opt.param_groups[0]["lr"] == new_sched.get_last_lr()[0] == want
+    assert new_opt.param_groups[0]["weight_decay"] == 0.1 and new_opt.param_groups[0]["betas"] == (0.8, 0.9)
+    new_opt.step()
+    new_sched.step()
+    assert new_sched.get_last_lr()[0] == 5e-3 * lr_lambda("cosine", 2, 20)(5)
+
+
+def test_divergence_guard_trips_on_blow_ups_only():
+    from engine.train.loop import Guard
+
+    healthy = Guard(lr=1e-2, weight_norm=2.0)
+    # A healthy run: loss falls, weights grow a little (x1.4 at lr 1e-2 on the tiny model).
+    assert all(healthy.problem(loss, 0.3, 2.0 * (1 + k / 10)) is None for k, loss in enumerate([7.0, 6.5, 3.0, 0.01]))
+    assert "loss became nan" in Guard(1.0, 2.0).problem(float("nan"), 0.3, 2.0)
+    assert "gradient norm became inf" in Guard(1.0, 2.0).problem(7.0, float("inf"), 2.0)
+    assert "grew 1.5e10 times" in Guard(1e9, 2.0).problem(7.0, 0.4, 3e10)
+    grows = Guard(1.0, 2.0)
+    assert grows.problem(7.0, 0.4, 2.0) is None
+    assert "loss grew from 7 to 8000" in grows.problem(8000.0, 0.4, 2.0)

@@ -87,6 +87,18 @@ def use_fused_rms_norm(model: nn.Module) -> int:
     return n
 
 
+def restore_rms_norm(model: nn.Module) -> int:
+    """Undo ``use_fused_rms_norm``: every fused norm gets its original class back; returns how many."""
+    originals = {fused: cls for cls, fused in _FUSED.items()}
+    n = 0
+    for module in model.modules():
+        cls = originals.get(type(module))
+        if cls is not None:
+            module.__class__ = cls
+            n += 1
+    return n
+
+
 class _RopeFn(torch.autograd.Function):
     """x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x[..., h:], x[..., :h])."""
 

@@ -3,7 +3,7 @@
 Why levels: a base skill (level 1) and refinements (levels 2, 3) can be shipped, switched and
 blended separately; each level only learns what the stack below it has not.
 
-Each level is an ordinary training run of engine/trainer.py in its own sub-dir
+Each level is an ordinary training run of engine/train/loop.py in its own sub-dir
 (``levels/level_K``: log, checkpoints, resume), with only that level's parameters trainable.
 Afterwards ``adapter/`` holds every level as a separate PEFT adapter dir
 (``adapter/level_1`` ...), loadable stacked with ``engine.adapter.load_stacked``.
@@ -22,11 +22,15 @@ from engine.stages.registry import STAGES
 def train_layered(ctx) -> dict:
     """Train adapter.levels LoRA levels one after another; save each as adapter/level_K."""
     from engine.adapter import add_level, level_name, set_scales
+    from engine.train.checkpoint import supersede
     from engine.train.loop import TrainJob
     from engine.train.loop import train as run
 
     ensure_data(ctx)
     cfg, run_dir = ctx.cfg, ctx.run_dir
+    if cfg.train.resume == "never" and ctx.is_main:
+        supersede(run_dir, ("levels",))  # else old levels' checkpoints would be resumed later
+    ctx.accelerator.wait_for_everyone()
     spec = cfg.adapter
     model = ctx.model()
     out: dict = {}

@@ -49,8 +49,14 @@ class TrainSpec(Strict):
     keep_last: int = Field(2, ge=1)
     """Checkpoints kept (older ones are deleted; the best one is always kept)."""
     resume: Literal["auto", "force", "never"] = "auto"
-    """auto: continue from the latest complete checkpoint in the run dir, refusing if the config
-    changed; force: continue even if it changed; never (or false): start over, moving the old
+    """auto: continue from the latest intact checkpoint in the run dir (sizes and sha256 checked;
+    a damaged one is reported and the one before it used), refusing if the config changed;
+    force: continue with the changed config: the optimizer's lr, weight_decay and betas and the
+    schedule (warmup_steps, schedule, max_steps/epochs) are re-applied after restoring, the loss,
+    precision, device, grad clipping, evaluation and speed switches take effect as usual; changes
+    that cannot be honoured mid-run are refused (model, quantization, adapter except dropout/fused,
+    data except preview, seed, micro_batch_size, grad_accum, optimizer), see
+    engine/train/checkpoint.py FORCE_CAN_CHANGE; never (or false): start over, moving the old
     checkpoints and train_log.jsonl into run_dir/superseded/<time>/."""
 
     loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = []
