@@ -57,6 +57,7 @@ def cross_checks(specs: dict[str, Any], top: Any, problems: list[str]) -> None:
         )
 
     _check_stages(specs, stages, problems)
+    _check_export(specs, stages, problems)
 
     if adapter is not None and top is not None:
         layered = adapter.kind == "layered"
@@ -109,6 +110,41 @@ def _check_stages(specs: dict[str, Any], stages: list[str], problems: list[str])
             )
 
 
+EXPORT_STAGES = ("merge", "export_gguf", "check_export")
+
+
+def _check_export(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
+    """Export stages need trained weights, come in order, and the architecture must be one the GGUF writer knows."""
+    from engine.export import SUPPORTED, architecture_of, supported_message
+    from engine.stages import STAGES
+
+    known = [s for s in stages if s in STAGES]
+    used = [s for s in EXPORT_STAGES if s in known]
+    if not used:
+        return
+    ev, adapter, model, export = specs.get("eval"), specs.get("adapter"), specs.get("model"), specs.get("export")
+    trains = [s for s in known if "trains" in STAGES.get(s).traits]
+    if ev is not None and not ev.run_dir and not trains:
+        problems.append(
+            f"stages: {used[0]} exports trained weights, but no stage of this run trains and eval.run_dir is not set; "
+            "add a training stage before it, or export a finished run with eval.run_dir=outputs/<recipe>/<time>"
+        )
+    if trains and known.index(used[0]) < known.index(trains[-1]):
+        problems.append(f"stages: {used[0]} runs before {trains[-1]}; put the export stages after training")
+    if "check_export" in known and "export_gguf" not in known[: known.index("check_export")]:
+        problems.append("stages: check_export checks the files export_gguf writes; put export_gguf before it")
+    if "export_gguf" in known and model is not None and not (ev is not None and ev.run_dir):
+        arch = architecture_of(model)
+        if arch is not None and arch not in SUPPORTED:
+            problems.append(f"model: {supported_message(arch)}; drop export_gguf from stages")
+    dora = adapter is not None and (adapter.kind == "dora" or getattr(adapter, "method", None) == "dora")
+    if "export_gguf" in known and dora and export is not None and getattr(export, "lora", False):
+        problems.append(
+            "export.lora: llama.cpp's LoRA adapters cannot hold DoRA's trained magnitudes; set export.lora=false "
+            "(the merged model files carry the DoRA update)"
+        )
+
+
 def evaluated_run(cfg, validate):
     """Resolve ``eval.run_dir`` (a finished run to evaluate again) into the config, or raise ConfigError.
 
@@ -134,6 +170,7 @@ def evaluated_run(cfg, validate):
     except Exception as e:  # a damaged record is the user's to fix
         raise ConfigError(f"eval.run_dir: cannot read {record.name} of {cfg.eval.run_dir}: {type(e).__name__}: {e}") from None
     raw.setdefault("eval", {})["run_dir"] = None
+    raw.setdefault("export", cfg.raw.get("export"))  # runs from before the export group
     try:
         old = validate(raw)
     except UserError as e:
@@ -152,5 +189,5 @@ def evaluated_run(cfg, validate):
             f"eval.run_dir: {cfg.eval.run_dir} has no trained weights (adapter/ or model/); did its train stage finish?"
         )
     return dataclasses.replace(
-        old, model=model, eval=cfg.eval, stages=cfg.stages, recipe=cfg.recipe, raw=cfg.raw, evaluated_run=found
+        old, model=model, eval=cfg.eval, export=cfg.export, stages=cfg.stages, recipe=cfg.recipe, raw=cfg.raw, evaluated_run=found
     )

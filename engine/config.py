@@ -56,11 +56,19 @@ def registries() -> dict[str, Registry]:
     """Config group -> registry (imported here so plugins see the same tables)."""
     from engine.adapter import ADAPTERS
     from engine.data.shapes import SHAPES
+    from engine.export import EXPORTS
     from engine.loss import LOSSES
     from engine.model import MODELS
     from engine.quantization import QUANTIZATIONS
 
-    return {"model": MODELS, "quantization": QUANTIZATIONS, "adapter": ADAPTERS, "loss": LOSSES, "data": SHAPES}
+    return {
+        "model": MODELS,
+        "quantization": QUANTIZATIONS,
+        "adapter": ADAPTERS,
+        "loss": LOSSES,
+        "data": SHAPES,
+        "export": EXPORTS,
+    }
 
 
 FIXED = {"train": TrainSpec, "eval": EvalSpec}

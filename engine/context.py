@@ -45,6 +45,8 @@ class RunConfig:
     train: Any
     eval: Any
     raw: dict
+    export: Any = None
+    """What leaves Python after training (engine/export/): formats and parity thresholds."""
     evaluated_run: EvaluatedRun | None = None
 
 

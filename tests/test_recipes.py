@@ -161,7 +161,27 @@ def _report(run: Path, cfg: dict, metrics: dict) -> None:
         assert "| metric |" in md
 
 
+def _merge(run: Path, cfg: dict, metrics: dict) -> None:
+    assert (run / "merged" / "config.json").is_file()
+    assert list((run / "merged").glob("*.safetensors"))
+
+
+def _export_gguf(run: Path, cfg: dict, metrics: dict) -> None:
+    files = json.loads((run / "export" / "manifest.json").read_text())["files"]
+    assert files, "export_gguf wrote no file"
+    for name, entry in files.items():
+        assert (run / "export" / name).is_file() and (run / "export" / name).stat().st_size == entry["bytes"], name
+
+
+def _check_export(run: Path, cfg: dict, metrics: dict) -> None:
+    assert metrics["check_export"]["passed"] is True
+    assert metrics["check_export"]["files"], "no file was checked"
+
+
 EXPECT = {
+    "merge": _merge,
+    "export_gguf": _export_gguf,
+    "check_export": _check_export,
     "prepare_data": _prepare_data,
     "preview_data": _preview_data,
     "train": _train,

@@ -9,7 +9,10 @@ One file per stage key. Plugins register more with ``@STAGES.register("name")``.
 # Importing the modules registers the built-in stages.
 from engine.stages import (  # noqa: F401
     archive_documents,
+    check_export,
     evaluate,
+    export_gguf,
+    merge,
     prepare_data,
     preview_data,
     report,

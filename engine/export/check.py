@@ -1,0 +1,156 @@
+"""Parity of an exported file with the HF model it came from, on identical token ids.
+
+Why token ids and not text: the same prompt *text* can tokenize differently on the two sides
+(special tokens, BOS), and then a correct export looks broken or a broken one looks fine.
+Both sides get the same ids; what differs is then the weights and the kernels.
+
+Three numbers per file, each held to a threshold of its format (``export.check``):
+  top1        teacher-forced: share of positions whose most likely next token agrees;
+  max_dlogit  largest |logit difference| over those positions and the whole vocabulary;
+  greedy      greedy continuation from each prompt: share of tokens before the first difference.
+Plus one yes/no: the chat template embedded in the GGUF renders the prompt to the same ids
+as the training template, so llama.cpp's chat API talks to the model the way it was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import UserError
+
+
+@dataclass(frozen=True)
+class Case:
+    """One held-out example: ids for teacher forcing, the prompt's ids and its messages."""
+
+    forced: list[int]
+    prompt: list[int]
+    messages: list[dict]
+
+
+@dataclass(frozen=True)
+class Parity:
+    top1: float
+    max_dlogit: float
+    greedy: float
+    positions: int
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+# --- the two sides -----------------------------------------------------------------------
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids], device=model.device)).logits[0].float().cpu().numpy()
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """n argmax tokens, EOS not special: both sides follow the same rule to the end.
+
+    The whole sequence is recomputed per token (no KV cache): a few prompts of a few tokens,
+    and no dependence on the cache API of the transformers version at hand.
+    """
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(hf_logits(model, ids)[-1].argmax()))
+    return ids[len(prompt) :]
+
+
+def open_gguf(path: Path, *, n_ctx: int, lora: Path | None = None, threads: int | None = None):
+    """A llama.cpp model with every position's logits kept and an f32 KV cache (an f16 cache
+    would add its own rounding to what is measured)."""
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    return Llama(
+        str(path),
+        n_ctx=n_ctx,
+        logits_all=True,
+        lora_path=str(lora) if lora else None,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+        n_threads=threads,
+        verbose=False,
+    )
+
+
+def gguf_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def gguf_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(prompt)
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(out[-1:])
+    return out
+
+
+# --- comparing ---------------------------------------------------------------------------
+
+
+def parity(reference, llm, cases: list[Case], *, new_tokens: int) -> Parity:
+    """Teacher-forced top-1 and max |dlogit| over every position, greedy agreement per prompt."""
+    agree = total = 0
+    worst = 0.0
+    greedy = []
+    for case in cases:
+        ref, got = hf_logits(reference, case.forced), gguf_logits(llm, case.forced)
+        if ref.shape != got.shape:
+            raise UserError(f"export check: logits shapes differ (HF {ref.shape}, GGUF {got.shape}); vocab sizes disagree")
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        total += len(case.forced)
+        worst = max(worst, float(np.abs(ref - got).max()))
+        greedy.append(_prefix_share(hf_greedy(reference, case.prompt, new_tokens), gguf_greedy(llm, case.prompt, new_tokens)))
+    return Parity(top1=agree / max(total, 1), max_dlogit=worst, greedy=float(np.mean(greedy)), positions=total)
+
+
+def _prefix_share(a: list[int], b: list[int]) -> float:
+    same = 0
+    for x, y in zip(a, b, strict=True):
+        if x != y:
+            break
+        same += 1
+    return same / max(len(a), 1)
+
+
+def template_agrees(llm, tokenizer, cases: list[Case], train_template: str) -> dict:
+    """The GGUF's own chat template, rendered as llama-cpp-python's chat API renders it, vs the training template."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from engine.data.templates import render
+
+    embedded = llm.metadata.get("tokenizer.chat_template")
+    if not embedded:
+        return {"embedded": False, "same_ids": False}
+    eos = tokenizer.eos_token or ""
+    formatter = Jinja2ChatFormatter(template=embedded, eos_token=eos, bos_token=tokenizer.bos_token or "")
+    same = True
+    for case in cases:
+        text = formatter(messages=case.messages).prompt
+        ours = render(train_template, case.messages, add_generation_prompt=True, tokenizer=tokenizer)
+        same &= llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(ours, add_special_tokens=False).input_ids
+    return {"embedded": True, "same_ids": bool(same)}
+
+
+def failures(name: str, got: Parity, *, top1: float | None, max_dlogit: float | None, greedy: float | None) -> list[str]:
+    """Each number below (or above) its threshold, said with both values."""
+    out = []
+    if top1 is not None and got.top1 < top1:
+        out.append(f"{name}: top-1 agreement {got.top1:.4f} < {top1} (export.check.top1)")
+    if max_dlogit is not None and got.max_dlogit > max_dlogit:
+        out.append(f"{name}: max |dlogit| {got.max_dlogit:.4g} > {max_dlogit} (export.check.max_dlogit)")
+    if greedy is not None and got.greedy < greedy:
+        out.append(f"{name}: greedy agreement {got.greedy:.3f} < {greedy} (export.check.greedy)")
+    return out
