@@ -1,7 +1,8 @@
-"""``python -m engine [overrides]``: compose -> validate -> freeze -> launch.
+"""``python -m engine [overrides]`` and the ``engine`` console script: one ``main`` for both.
 
-Hydra composes the config (and handles ``-m`` sweeps, ``--cfg``, run dirs and launchers).
-Before Hydra starts, the command line is composed once and validated, so a typo, a wrong
+compose -> validate -> freeze -> launch: Hydra composes the config (and handles ``-m``
+sweeps, ``--cfg``, run dirs and launchers). Before Hydra starts, ``engine.cli.prepare``
+composes the command line once with the same search path and checks it, so a typo, a wrong
 type or a bad value exits with status 2 and a short message instead of a traceback.
 """
 
@@ -9,25 +10,24 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def main() -> None:
-    from engine.config import register_resolvers
+    """The whole program. Both entry points call exactly this, so they behave the same: the
+    huge-page restart and the tokenizer-threads default happen here, not in ``__main__`` only."""
+    relaunch_with_huge_pages()
+    # Tokenizers' own thread pool fights the training threads and warns after a fork.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from engine.cli import prepare
 
-    register_resolvers()
-    argv = sys.argv[1:]
-    from engine.cli import precheck, share_run_dir
-
-    argv = precheck(argv, CONF_DIR)
-    sys.argv = [sys.argv[0], *share_run_dir(argv)]
+    sys.argv = [sys.argv[0], *prepare(sys.argv[1:])]
     _hydra_main()
 
 
 def _hydra_main() -> None:
     import hydra
+
+    from engine.cli import CONF_DIR
 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
     def task(cfg) -> None:
@@ -55,6 +55,4 @@ def relaunch_with_huge_pages() -> None:
 
 
 if __name__ == "__main__":
-    relaunch_with_huge_pages()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

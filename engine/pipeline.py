@@ -6,13 +6,21 @@ import time
 from pathlib import Path
 
 from engine.context import RunConfig, RunContext
+from engine.lock import holding
 
 
 def run(cfg: RunConfig, run_dir: Path) -> RunContext:
     from engine.runtime import make_accelerator
-    from engine.stages import STAGES
 
     accelerator = make_accelerator(cfg.device, cfg.precision)
+    # One process per run dir, for the whole run (rank 0 only: the ranks of one launch share it).
+    with holding(run_dir, enabled=accelerator.is_main_process):
+        return _run_stages(cfg, run_dir, accelerator)
+
+
+def _run_stages(cfg: RunConfig, run_dir: Path, accelerator) -> RunContext:
+    from engine.stages import STAGES
+
     ctx = RunContext(cfg=cfg, run_dir=run_dir, accelerator=accelerator)
     # Before any stage runs: decide resume (a changed config is refused before config.yaml,
     # the frozen record of what this run is, is rewritten), then rank 0 writes config.yaml.

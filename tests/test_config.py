@@ -122,3 +122,16 @@ def test_cli_prints_composed_config():
 def test_run_dir_pattern_is_recipe_then_timestamp():
     text = (Path(CONF) / "config.yaml").read_text()
     assert "dir: outputs/${hydra:runtime.choices.recipe}/${now:%Y-%m-%d_%H-%M-%S}" in text
+
+
+def test_printing_the_config_creates_no_run_dir(tmp_path):
+    proc = run_engine(*TINY, f"hydra.run.dir={tmp_path / 'run'}", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_hydra_searchpath_is_composed_like_the_real_run(tmp_path):
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - override /model: tiny\nseed: 5\n")
+    cfg = compose([f"hydra.searchpath=[file://{tmp_path}]", "recipe=mine"])
+    assert cfg.recipe == "mine" and cfg.seed == 5

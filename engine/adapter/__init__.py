@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from engine.errors import ConfigError
 from engine.registry import Registry, Spec
 
 ADAPTERS = Registry("adapter")
@@ -90,6 +91,38 @@ def lora_config(spec: LoraSpec, method: str = "lora"):
     )
 
 
+def attach(model, spec: LoraSpec, method: str = "lora", **kw):
+    """``get_peft_model``, with target names checked against the model.
+
+    PEFT fails with a bare ``NoMatchingPeftModuleError`` when no target matches and silently
+    skips a target that matches nothing when others do (a typo then trains fewer layers).
+    Both are told here with the model's own linear layer names, the values that would work.
+    """
+    from peft import get_peft_model
+
+    from engine.model import linear_module_names
+
+    missing = unmatched_targets(model, spec.target_modules)
+    if missing:
+        names = ", ".join(linear_module_names(model))
+        shown = ", ".join(missing)
+        if len(missing) == len(spec.target_modules):
+            raise ConfigError(
+                f"adapter.target_modules: no module named {shown} in this model; its linear layers are: {names} "
+                "(or all-linear: every linear layer but the output head)"
+            )
+        print(f"[engine] adapter.target_modules: {shown} matches no module in this model (its linear layers: {names})")
+    return get_peft_model(model, lora_config(spec, method), **kw)
+
+
+def unmatched_targets(model, targets: list[str] | str) -> list[str]:
+    """Target names that no module name equals or ends with (PEFT's rule for a list of names)."""
+    if isinstance(targets, str):  # all-linear
+        return []
+    names = [n for n, _ in model.named_modules()]
+    return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+
+
 def _fast_cpu(model, spec: LoraSpec):
     """LoRA's input dropout drawn sparsely (engine/dropout.py: same distribution, ~6x cheaper)
     and, if ``spec.fused``, each LoRA layer one autograd node (engine/fused_lora.py); both
@@ -107,25 +140,19 @@ def _fast_cpu(model, spec: LoraSpec):
 @ADAPTERS.register("lora", LoraSpec)
 def build_lora(spec: LoraSpec, *, model):
     """LoRA: low-rank updates on the target layers; the base stays frozen."""
-    from peft import get_peft_model
-
-    return _fast_cpu(get_peft_model(model, lora_config(spec)), spec)
+    return _fast_cpu(attach(model, spec), spec)
 
 
 @ADAPTERS.register("dora", LoraSpec)
 def build_dora(spec: LoraSpec, *, model):
     """DoRA: LoRA direction plus a trained magnitude per output feature."""
-    from peft import get_peft_model
-
-    return _fast_cpu(get_peft_model(model, lora_config(spec, "dora")), spec)
+    return _fast_cpu(attach(model, spec, "dora"), spec)
 
 
 @ADAPTERS.register("rslora", RsLoraSpec)
 def build_rslora(spec: RsLoraSpec, *, model):
     """Rank-stabilised LoRA: scale alpha / sqrt(r), so large ranks keep learning."""
-    from peft import get_peft_model
-
-    return _fast_cpu(get_peft_model(model, lora_config(spec, "rslora")), spec)
+    return _fast_cpu(attach(model, spec, "rslora"), spec)
 
 
 @ADAPTERS.register("none", NoAdapterSpec)
@@ -146,9 +173,7 @@ def level_name(level: int) -> str:
 @ADAPTERS.register("layered", LayeredSpec)
 def build_layered(spec: LayeredSpec, *, model):
     """Layered LoRA: level 1 here; the train_layered stage adds and trains the next levels."""
-    from peft import get_peft_model
-
-    return _fast_cpu(get_peft_model(model, lora_config(spec, spec.method), adapter_name=level_name(1)), spec)
+    return _fast_cpu(attach(model, spec, spec.method, adapter_name=level_name(1)), spec)
 
 
 def add_level(model, spec: LayeredSpec, level: int) -> None:

@@ -130,6 +130,7 @@ def gguf_header_string(path, key: str, *, max_keys: int = 64) -> str | None:
     import struct
 
     sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
     def skip(f, kind: int, count: int = 1) -> bool:
         if kind in sizes:
             f.seek(sizes[kind] * count, 1)

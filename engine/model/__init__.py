@@ -71,13 +71,24 @@ class HfSpec(ModelSpec):
 
 
 class TinySpec(ModelSpec):
-    lora_targets: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora_targets: list[str] | Literal["all-linear"] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ]  # fmt: skip
     """A Llama block's seven projections, as the real models' presets list them."""
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 128
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the model's linear layers (``q_proj``, ``k_proj``, ...), in model order:
+    what ``adapter.target_modules`` can name (quantized linear layers are ``nn.Linear`` too)."""
+    import torch
+
+    leaves = (name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    return list(dict.fromkeys(leaves))
 
 
 def cache_root() -> Path:

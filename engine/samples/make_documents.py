@@ -80,7 +80,7 @@ def make_pdf(path: Path) -> None:
     from fpdf import FPDF
 
     pdf = FPDF(format="A4")
-    pdf.set_creation_date(_dt.datetime(2024, 1, 1, tzinfo=_dt.timezone.utc))
+    pdf.set_creation_date(_dt.datetime(2024, 1, 1, tzinfo=_dt.UTC))
     pdf.set_title(PDF_TITLE)
     pdf.set_author("engine sample data")
     pdf.set_margins(20, 20, 20)
