@@ -102,6 +102,11 @@ def test_device_not_present_is_a_config_error():
         (["adapter.rank=4"], "adapter.rank"),
         (["train.lr=-1"], "train.lr"),
         (["model=tinyy"], "did you mean 'tiny'"),
+        (["model=tiny", "stages=[]"], "stages: empty, so the run would do nothing"),
+        (["model=tiny", "train.optimizer=adamw_8bit", "device=cpu"], "train.optimizer=adamw"),
+        (["model=tiny", "stages=[prepare_data,evaluate]"], "eval.run_dir: not set"),
+        (["model=tiny", "stages=[prepare_data,evaluate,train]"], "stages: evaluate runs before train"),
+        (["model=tiny", "stages=[prepare_data,train,archive_documents]"], "stages: archive_documents"),
     ],
 )
 def test_cli_exits_2_without_traceback(args, key):
