@@ -40,6 +40,7 @@ def smoke(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_every_run_record_has_the_fields(smoke):
     assert [r["arm"] for r in smoke["runs"]] == ["engine", "trl_fp32"]
     for rec in smoke["runs"]:
@@ -52,6 +53,7 @@ def test_every_run_record_has_the_fields(smoke):
         assert rec["flops"]["achieved_gflops"] > 0 and 0 < rec["flops"]["fraction"]
 
 
+@pytest.mark.slow
 def test_same_rows_same_order_same_tokens(smoke):
     """Both arms see the same examples in the same order: the loss curves are comparable."""
     engine, trl = smoke["runs"]
@@ -60,6 +62,7 @@ def test_same_rows_same_order_same_tokens(smoke):
     assert engine["losses"][0] == pytest.approx(trl["losses"][0], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_summary_has_ratio_and_machine(smoke):
     assert "engine/trl_fp32" in smoke["summary"]["ratios_real_tokens_per_s"]
     assert smoke["machine"]["matmul_gflops"]["fp32"] > 0

@@ -32,6 +32,7 @@ def _log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_match_one_process(tmp_path):
     one = tmp_path / "one"
     r = run_engine(*COMMON, "train.micro_batch_size=4", f"hydra.run.dir={one}")

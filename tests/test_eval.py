@@ -235,6 +235,7 @@ SMALL_EVAL = [
 ]
 
 
+@pytest.mark.slow
 def test_train_then_eval_run_reloads_the_trained_adapter(tmp_path):
     first = tmp_path / "train"
     r = run_engine(

@@ -204,6 +204,7 @@ def test_dora_lora_export_is_refused():
 # --- end to end: train, then export the finished run without retraining -------------------------
 
 
+@pytest.mark.slow
 def test_finished_run_exports_checks_and_chats(tmp_path):
     trained = tmp_path / "trained"
     proc = run_engine(*QUICK_TRAIN, "train.max_steps=1", "stages=[prepare_data,train]", f"hydra.run.dir={trained}")

@@ -192,6 +192,7 @@ EXPECT = {
 """Stage -> what it must leave behind; a recipe with a stage missing here fails until it is added."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_end_to_end(recipe, runs):
     run = runs[recipe]

@@ -59,6 +59,7 @@ def baseline(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_sigkill_at_three_points_then_resume_is_bit_identical(baseline, tmp_path):
     run_dir = tmp_path / "crashy"
     # 1. Killed after step 3 was logged, before its checkpoint: step-2 is the latest.
@@ -96,6 +97,7 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(baseline, tmp_path
     assert metrics["train"]["resumed_from_step"] == 6
 
 
+@pytest.mark.slow
 def test_changed_config_refuses_and_force_goes_on(baseline, tmp_path):
     run_dir = tmp_path / "changed"
     shutil.copytree(baseline, run_dir)
@@ -130,6 +132,7 @@ def _damage(path: Path, offset: int, data: bytes) -> None:
     assert path.stat().st_size == size
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_skipped_reported_and_resume_stays_bit_identical(baseline, tmp_path):
     run_dir = tmp_path / "damaged"
     ckpts = run_dir / "checkpoints"

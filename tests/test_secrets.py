@@ -69,6 +69,7 @@ def _files_with(root: Path, secret: str) -> list[str]:
     return hits
 
 
+@pytest.mark.slow
 def test_secrets_from_env_and_dotenv_never_reach_the_run_dir(tmp_path):
     (tmp_path / ".env").write_text(f"WANDB_API_KEY={WANDB}\nENGINE_API_KEY={API}\n")
     os.environ["HF_TOKEN"] = HF
