@@ -148,6 +148,8 @@ def _describe(schema: type[BaseModel], key: str, e: dict) -> str:
     if e["type"] == "missing":
         return f"{key}: required, but not set"
     got = e.get("input")
+    if isinstance(got, dict | list) and len(repr(got)) > 60:  # a whole group or a long list: the message names what is wrong
+        return f"{key}: {msg}"
     return f"{key}: {msg}" if repr(got) in msg or str(got) in msg else f"{key}: {msg} (got {got!r})"
 
 

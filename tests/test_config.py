@@ -103,6 +103,7 @@ def test_device_not_present_is_a_config_error():
         (["train.lr=-1"], "train.lr"),
         (["model=tinyy"], "did you mean 'tiny'"),
         (["model=tiny", "stages=[]"], "stages: empty, so the run would do nothing"),
+        (["model=tiny", "train.final_adapter=best"], "needs train.eval_every"),
         (["model=tiny", "train.optimizer=adamw_8bit", "device=cpu"], "train.optimizer=adamw"),
         (["model=tiny", "stages=[prepare_data,evaluate]"], "eval.run_dir: not set"),
         (["model=tiny", "stages=[prepare_data,evaluate,train]"], "stages: evaluate runs before train"),
@@ -115,6 +116,7 @@ def test_cli_exits_2_without_traceback(args, key):
     assert key in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert len(proc.stderr.splitlines()) < 8
+    assert "'max_steps'" not in proc.stderr, "the message must not dump the whole group"
 
 
 def test_cli_prints_composed_config():
