@@ -110,7 +110,7 @@ def _check_stages(specs: dict[str, Any], stages: list[str], problems: list[str])
             )
 
 
-EXPORT_STAGES = ("merge", "export_gguf", "check_export")
+EXPORT_STAGES = ("merge", "export_gguf", "export_onnx", "check_export")
 
 
 def _check_export(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
@@ -119,7 +119,7 @@ def _check_export(specs: dict[str, Any], stages: list[str], problems: list[str])
     from engine.stages import STAGES
 
     known = [s for s in stages if s in STAGES]
-    used = [s for s in EXPORT_STAGES if s in known]
+    used = [s for s in known if s in EXPORT_STAGES]  # in run order: used[0] is the first export stage
     if not used:
         return
     ev, adapter, model, export = specs.get("eval"), specs.get("adapter"), specs.get("model"), specs.get("export")
@@ -131,8 +131,9 @@ def _check_export(specs: dict[str, Any], stages: list[str], problems: list[str])
         )
     if trains and known.index(used[0]) < known.index(trains[-1]):
         problems.append(f"stages: {used[0]} runs before {trains[-1]}; put the export stages after training")
-    if "check_export" in known and "export_gguf" not in known[: known.index("check_export")]:
-        problems.append("stages: check_export checks the files export_gguf writes; put export_gguf before it")
+    before_check = known[: known.index("check_export")] if "check_export" in known else None
+    if before_check is not None and "export_gguf" not in before_check and "export_onnx" not in before_check:
+        problems.append("stages: check_export checks the exported files; put export_gguf before it (or export_onnx)")
     if "export_gguf" in known and model is not None and not (ev is not None and ev.run_dir):
         arch = architecture_of(model)
         if arch is not None and arch not in SUPPORTED:

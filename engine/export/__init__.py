@@ -5,6 +5,9 @@ Kinds:
         Q5_K_M / Q6_K through llama.cpp's own quantizer), plus the LoRA adapter alone as a
         GGUF adapter that llama.cpp applies on the base GGUF without merging.
 
+The export_onnx stage (the merged model as ONNX with a KV cache, engine/export/onnx.py) needs
+no settings of its own; check_export holds it to the ``onnx`` entries of ``export.check``.
+
 The work is in this package and takes plain arguments: ``merge`` (adapter folded into the
 base, a standard HF dir), ``gguf`` (our HF -> GGUF writer), ``check`` (parity of an exported
 file against the HF model on identical token ids). The stages merge, export_gguf and
@@ -53,11 +56,14 @@ class CheckSpec(Strict):
         "Q6_K": 0.93,
         "Q5_K_M": 0.9,
         "Q4_K_M": 0.85,
+        "onnx": 0.999,
     }
-    """Minimum teacher-forced next-token top-1 agreement, per format."""
-    max_dlogit: dict[str, float | None] = {"f32": 0.05, "f16": 0.5, "bf16": 2.0}
+    """Minimum teacher-forced next-token top-1 agreement, per format (``onnx``: the fp32 ONNX export)."""
+    max_dlogit: dict[str, float | None] = {"f32": 0.05, "f16": 0.5, "bf16": 2.0, "onnx": 1e-3}
     """Largest allowed |logit difference| per format; a format not listed is not held to one."""
-    greedy: dict[str, float] = {"f32": 0.9, "f16": 0.8, "bf16": 0.6, "q8_0": 0.6, "Q6_K": 0.4, "Q5_K_M": 0.3, "Q4_K_M": 0.25}
+    greedy: dict[str, float] = {
+        "f32": 0.9, "f16": 0.8, "bf16": 0.6, "q8_0": 0.6, "Q6_K": 0.4, "Q5_K_M": 0.3, "Q4_K_M": 0.25, "onnx": 0.9,
+    }  # fmt: skip
     """Minimum greedy agreement (share of generated tokens before the first difference), per format."""
     lora_margin: float = Field(0.02, ge=0, le=1)
     """A LoRA GGUF on the base GGUF may agree this much less (top-1) than the base GGUF agrees

@@ -8,7 +8,9 @@ Three numbers per file, each held to a threshold of its format (``export.check``
   top1        teacher-forced: share of positions whose most likely next token agrees;
   max_dlogit  largest |logit difference| over those positions and the whole vocabulary;
   greedy      greedy continuation from each prompt: share of tokens before the first difference.
-Plus one yes/no: the chat template embedded in the GGUF renders the prompt to the same ids
+An ONNX file (engine.export.onnx) runs in onnxruntime; its greedy decoding goes through the
+exported KV cache, so a broken cache shows as a greedy disagreement.
+Plus one yes/no for a GGUF: the chat template embedded in the GGUF renders the prompt to the same ids
 as the training template, so llama.cpp's chat API talks to the model the way it was trained.
 """
 
@@ -97,23 +99,36 @@ def gguf_greedy(llm, prompt: list[int], n: int) -> list[int]:
     return out
 
 
+def onnx_logits(lm, ids: list[int]) -> np.ndarray:
+    return lm.logits(ids)
+
+
+def onnx_greedy(lm, prompt: list[int], n: int) -> list[int]:
+    """Through the exported KV cache: the prompt once, then one token per step."""
+    return lm.greedy(prompt, n)
+
+
 # --- comparing ---------------------------------------------------------------------------
 
 
-def parity(reference, llm, cases: list[Case], *, new_tokens: int) -> Parity:
-    """Teacher-forced top-1 and max |dlogit| over every position, greedy agreement per prompt."""
+def parity(reference, llm, cases: list[Case], *, new_tokens: int, logits=gguf_logits, greedy=gguf_greedy) -> Parity:
+    """Teacher-forced top-1 and max |dlogit| over every position, greedy agreement per prompt.
+
+    ``logits`` and ``greedy`` run the exported side (llama.cpp by default; ``onnx_logits`` and
+    ``onnx_greedy`` for an ``engine.export.onnx.OnnxLM``).
+    """
     agree = total = 0
     worst = 0.0
-    greedy = []
+    shares = []
     for case in cases:
-        ref, got = hf_logits(reference, case.forced), gguf_logits(llm, case.forced)
+        ref, got = hf_logits(reference, case.forced), logits(llm, case.forced)
         if ref.shape != got.shape:
-            raise UserError(f"export check: logits shapes differ (HF {ref.shape}, GGUF {got.shape}); vocab sizes disagree")
+            raise UserError(f"export check: logits shapes differ (HF {ref.shape}, export {got.shape}); vocab sizes disagree")
         agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
         total += len(case.forced)
         worst = max(worst, float(np.abs(ref - got).max()))
-        greedy.append(_prefix_share(hf_greedy(reference, case.prompt, new_tokens), gguf_greedy(llm, case.prompt, new_tokens)))
-    return Parity(top1=agree / max(total, 1), max_dlogit=worst, greedy=float(np.mean(greedy)), positions=total)
+        shares.append(_prefix_share(hf_greedy(reference, case.prompt, new_tokens), greedy(llm, case.prompt, new_tokens)))
+    return Parity(top1=agree / max(total, 1), max_dlogit=worst, greedy=float(np.mean(shares)), positions=total)
 
 
 def _prefix_share(a: list[int], b: list[int]) -> float:

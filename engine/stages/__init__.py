@@ -12,6 +12,7 @@ from engine.stages import (  # noqa: F401
     check_export,
     evaluate,
     export_gguf,
+    export_onnx,
     merge,
     prepare_data,
     preview_data,

@@ -1,10 +1,10 @@
 """check_export: every exported file against the HF model, on the same held-out token ids.
 
-A full-model GGUF is compared with the merged HF model; the LoRA GGUF, applied by llama.cpp on
-its base GGUF, with the HF base + adapter, and held to the base file's own floor (how well the
-base GGUF alone agrees with the HF base) minus ``export.check.lora_margin``. The numbers go to
-metrics.json and export/manifest.json; any number past its threshold fails the stage with all
-of them. The work is engine/export/check.py.
+A full-model GGUF, and the ONNX file (in onnxruntime), are compared with the merged HF model;
+the LoRA GGUF, applied by llama.cpp on its base GGUF, with the HF base + adapter, and held to
+the base file's own floor (how well the base GGUF alone agrees with the HF base) minus
+``export.check.lora_margin``. The numbers go to metrics.json and export/manifest.json; any
+number past its threshold fails the stage with all of them. The work is engine/export/check.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def check_export(ctx) -> dict:
     """Top-1, max |dlogit| and greedy agreement of each exported file; chat template ids."""
     manifest_path = ctx.run_dir / "export" / "manifest.json"
     if not manifest_path.is_file():
-        raise UserError(f"check_export: {manifest_path} is missing; run export_gguf before check_export")
+        raise UserError(f"check_export: {manifest_path} is missing; run export_gguf or export_onnx before check_export")
     ensure_data(ctx)
     manifest = json.loads(manifest_path.read_text())
     results, problems = {}, []
@@ -67,7 +67,8 @@ def _check_all(ctx, files: dict, cases) -> tuple[dict, list[str]]:
     template = tokenizer.chat_template or ""
     results, problems = {}, []
     models = {n: e for n, e in files.items() if e["kind"] == "model"}
-    if models:
+    onnx = {n: e for n, e in files.items() if e["kind"] == "onnx"}
+    if models or onnx:
         reference = AutoModelForCausalLM.from_pretrained(merged_dir).float().eval()
         for name, entry in models.items():
             fmt = entry["format"]
@@ -82,12 +83,25 @@ def _check_all(ctx, files: dict, cases) -> tuple[dict, list[str]]:
             problems += failures(name, got, **limits)
             if chat["same_ids"] is False:
                 problems.append(f"{name}: its embedded chat template renders different token ids than the training template")
+        for name in onnx:
+            results[name], more = _check_onnx(reference, out / name, cases, spec)
+            problems += more
         del reference
     for name, entry in files.items():
         if entry["kind"] == "lora":
             results[name], more = _check_lora(ctx, out / name, entry, cases, n_ctx)
             problems += more
     return results, problems
+
+
+def _check_onnx(reference, path, cases, spec) -> tuple[dict, list[str]]:
+    """The ONNX file in onnxruntime vs the merged HF model; greedy decoding goes through its KV cache."""
+    from engine.export.check import failures, onnx_greedy, onnx_logits, parity
+    from engine.export.onnx import OnnxLM
+
+    got = parity(reference, OnnxLM(path), cases, new_tokens=spec.new_tokens, logits=onnx_logits, greedy=onnx_greedy)
+    limits = {"top1": spec.top1.get("onnx"), "max_dlogit": spec.max_dlogit.get("onnx"), "greedy": spec.greedy.get("onnx")}
+    return got.as_dict(), failures(path.name, got, **limits)
 
 
 def _check_lora(ctx, path, entry: dict, cases, n_ctx: int) -> tuple[dict, list[str]]:

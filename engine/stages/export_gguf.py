@@ -38,7 +38,10 @@ def export_gguf(ctx) -> dict:
             files[lora.name] = {"kind": "lora", "base": str(base), "base_format": base_format}
         for name, entry in files.items():
             entry["bytes"] = (out / name).stat().st_size
-        (out / "manifest.json").write_text(json.dumps({"files": files}, indent=2))
+        manifest = out / "manifest.json"
+        earlier = json.loads(manifest.read_text())["files"] if manifest.is_file() else {}
+        onnx = {n: e for n, e in earlier.items() if e["kind"] == "onnx"}  # export_onnx may have run first
+        manifest.write_text(json.dumps({"files": onnx | files}, indent=2))
     ctx.accelerator.wait_for_everyone()
     return {"dir": str(out), "files": files}
 
