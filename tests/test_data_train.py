@@ -74,6 +74,7 @@ def test_documents_folder_trains_with_packing(tmp_path):
     assert prep["padding_efficiency"] >= 0.9 and ctx.metrics["train"]["steps"] == 1
 
 
+@pytest.mark.slow
 def test_broken_csv_trains_from_the_cli_and_reports(tmp_path):
     out = tmp_path / "run"
     r = run_engine(
@@ -96,6 +97,7 @@ def test_broken_csv_trains_from_the_cli_and_reports(tmp_path):
     assert "6 rejected -> rejected.jsonl" in r.stdout
 
 
+@pytest.mark.slow
 def test_preview_from_the_cli(tmp_path):
     out = tmp_path / "run"
     r = run_engine("model=tiny", "stages=[preview_data]", "data.preview=5", f"hydra.run.dir={out}")

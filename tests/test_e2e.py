@@ -72,6 +72,7 @@ def test_report_compares_base_and_finetuned(tiny_run):
     assert "rougeL" in text
 
 
+@pytest.mark.slow
 def test_default_run_dir_is_outputs_recipe_timestamp(tmp_path):
     proc = run_engine("model=tiny", "train.max_steps=1", "stages=[prepare_data,train]", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -80,6 +81,7 @@ def test_default_run_dir_is_outputs_recipe_timestamp(tmp_path):
     assert (dirs[0] / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_multirun_sweeps_any_key(tmp_path):
     proc = run_engine(
         "-m",

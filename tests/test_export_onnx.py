@@ -137,6 +137,7 @@ def test_check_before_export_onnx_exits_2():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_merge_export_onnx_and_check(tmp_path):
     """The stages end to end: the manifest lists model.onnx with its size and parity numbers."""
     run = tmp_path / "run"

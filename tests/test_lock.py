@@ -66,6 +66,7 @@ def test_second_process_on_a_run_dir_exits_2_with_the_holders_pid(holder):
     assert (run_dir / ".lock").read_text() == ""  # released cleanly
 
 
+@pytest.mark.slow
 def test_a_killed_holder_leaves_no_lock_and_is_reported(holder):
     first, run_dir, env = holder
     first.send_signal(signal.SIGKILL)
