@@ -1,0 +1,85 @@
+"""The contract between the HTTP layer and a model backend.
+
+Why one small protocol: the routes (engine/serve/app.py), the terminal chat and the adapter
+QA matrix all drive a model the same way (render a chat, generate a stream of text pieces
+with a given adapter set), and each backend (llama.cpp, transformers) does it its own way.
+
+Concurrency contract: the app calls ``generate`` from one worker at a time per backend (a
+bounded queue in front), so a backend never sees two generations at once. The adapter set
+of a request is fixed before its first token (``GenerateRequest.adapters``): switching the
+server's active set between requests never mixes adapters within one response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class AdapterScale:
+    """One adapter of an active set: its name (as listed by ``adapters()``) and its scale."""
+
+    name: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A loaded adapter: what /v1/models and /lora-adapters show (never a local path)."""
+
+    name: str
+    format: str
+    """``gguf`` or ``peft``."""
+    run: str | None = None
+    """Run dir name it came from (no path), if known."""
+    recipe: str | None = None
+    """Recipe of that run, if known."""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    adapters: tuple[AdapterScale, ...] = ()
+    """The adapter set for this whole response (empty: the base alone)."""
+
+
+@dataclass
+class Piece:
+    """A piece of a streamed completion; the last one has ``finish_reason`` set."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    """``stop`` (EOS or a stop string) or ``length`` (max_tokens or the context end)."""
+
+
+class Backend(Protocol):
+    model_id: str
+    """Name of the base model as /v1/models lists it."""
+    context_length: int
+
+    def tokenize(self, text: str) -> list[int]:
+        """Plain text -> ids (completions); special tokens in the text are parsed."""
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        """Messages -> prompt ids through the model's own chat template (sandboxed jinja),
+        with the assistant turn opened."""
+
+    def generate(self, request: GenerateRequest) -> Iterator[Piece]:
+        """Stream the completion. Stop strings are honoured here (text never passes one)."""
+
+    def load_adapter(self, name: str, path) -> AdapterInfo:
+        """Load an adapter file/dir (already checked to be inside the allowed dirs)."""
+
+    def adapters(self) -> list[AdapterInfo]:
+        """Loaded adapters, in load order."""
+
+    def close(self) -> None:
+        """Free the model (llama.cpp wants an explicit close before interpreter exit)."""
