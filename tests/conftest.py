@@ -56,3 +56,51 @@ def run_engine(*args: str, cwd: Path | None = None, timeout: int = 600) -> subpr
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+# --- tiny models of the other exported architectures (Phi-2, Qwen2) -------------------------
+
+
+def build_tiny_arch(arch: str, *, tied: bool = False):
+    """A random-init tiny Phi or Qwen2 (hidden 64, 2 layers, 4 heads) on the tiny tokenizer.
+
+    Same shape as the tiny Llama, so exports of all three are measured alike; Phi rotates half
+    of each head (``partial_rotary_factor`` 0.5, as Phi-2's 0.4 rotates part), Qwen2 has 2 KV
+    heads (grouped-query attention, as Qwen2.5). Returns (model, tokenizer).
+    """
+    import torch
+    from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    shape = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": tied,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    if arch == "phi":
+        model_class, config = PhiForCausalLM, PhiConfig(**shape, partial_rotary_factor=0.5)
+    elif arch == "qwen2":
+        model_class, config = Qwen2ForCausalLM, Qwen2Config(**shape, num_key_value_heads=2)
+    else:
+        raise ValueError(f"no tiny model for {arch}; phi or qwen2")
+    # Same weights for the same seed, whatever ran before (as build_tiny does).
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        return model_class(config).float().eval(), tokenizer
+
+
+@pytest.fixture
+def tiny_phi():
+    return build_tiny_arch("phi")
+
+
+@pytest.fixture
+def tiny_qwen2():
+    return build_tiny_arch("qwen2")

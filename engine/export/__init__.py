@@ -3,7 +3,9 @@
 Kinds:
   gguf  the merged model as GGUF files for llama.cpp (f32, f16, bf16, and q8_0 / Q4_K_M /
         Q5_K_M / Q6_K through llama.cpp's own quantizer), plus the LoRA adapter alone as a
-        GGUF adapter that llama.cpp applies on the base GGUF without merging.
+        GGUF adapter that llama.cpp applies on the base GGUF without merging. Architectures:
+        the Llama family (SmolLM2, TinyLlama, Llama 3, Mistral), Qwen2 and Phi-2 (``SUPPORTED``);
+        any other is refused at validation with that list.
 
 The export_onnx stage (the merged model as ONNX with a KV cache, engine/export/onnx.py) needs
 no settings of its own; check_export holds it to the ``onnx`` entries of ``export.check``.
@@ -28,9 +30,12 @@ GgufFormat = Literal["f32", "f16", "bf16", "q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
 
 # HF architecture -> (GGUF architecture, q/k rows permuted for llama.cpp's rotary layout).
 # Mistral and Llama 3 are the llama architecture in llama.cpp; SmolLM2 and TinyLlama are Llama.
+# Qwen2 and Phi-2 rotate halves (neox rotary) in both HF and llama.cpp: their rows stay as they are.
 SUPPORTED: dict[str, tuple[str, bool]] = {
     "LlamaForCausalLM": ("llama", True),
     "MistralForCausalLM": ("llama", True),
+    "Qwen2ForCausalLM": ("qwen2", False),
+    "PhiForCausalLM": ("phi2", False),
 }
 
 
@@ -124,7 +129,10 @@ def _gguf_architecture(package: str, file: str) -> str | None:
     if path is None or not path.is_file():
         return None  # the model group reports a missing package or file
     arch = gguf_header_string(path, "general.architecture")
-    return {"llama": "LlamaForCausalLM"}.get(arch, arch) if arch else None
+    by_gguf = {}
+    for hf, (name, _) in SUPPORTED.items():
+        by_gguf.setdefault(name, hf)  # llama -> LlamaForCausalLM, the first listed
+    return by_gguf.get(arch, arch) if arch else None
 
 
 def gguf_header_string(path, key: str, *, max_keys: int = 64) -> str | None:

@@ -4,8 +4,12 @@ Why our own: the ``gguf`` package has the file format (GGUFWriter, tensor name m
 HF converter, and llama.cpp's convert script is not installable. The conventions that make a
 file chat correctly are llama.cpp's:
 
-- q/k projection rows are permuted from HF's rotate-half layout to llama.cpp's interleaved
-  rotary layout (per head for q, per KV head for k) -- the same for a LoRA's B of q/k;
+- for the llama architecture, q/k projection rows are permuted from HF's rotate-half layout to
+  llama.cpp's interleaved rotary layout (per head for q, per KV head for k) -- the same for a
+  LoRA's B of q/k; Qwen2 and Phi-2 rotate halves in llama.cpp too (neox rotary), nothing moves;
+- Phi-2 is LayerNorm with bias, a parallel attention/MLP block, and rotary on only the first
+  ``partial_rotary_factor`` share of each head: its hparams say so (``rope.dimension_count``,
+  the layernorm eps key) and its biases travel with their weights;
 - a byte-level BPE vocab is ``tokenizer.ggml.model=gpt2`` with tokens, token types (control
   for special added tokens), merges and the pre-tokenizer name llama.cpp implements;
 - chat template, BOS/EOS/PAD ids and context length go into the metadata, so llama.cpp and
@@ -72,10 +76,11 @@ def write_gguf(
     writer = gguf.GGUFWriter(out, arch_name)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(model_dir.name)
-    _write_hparams(writer, config)
+    _write_hparams(writer, config, arch_name)
     _write_vocab(writer, model_dir, config, chat_template=chat_template, pre=pre)
     names = gguf.TensorNameMap(arch, config["num_hidden_layers"])
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    written, embedding = set(), None
     for name, data in _hf_tensors(model_dir):
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
@@ -83,6 +88,11 @@ def write_gguf(
         if permutes and _permute_qk and (".q_proj." in name or ".k_proj." in name):
             data = permute_rows(data, heads if ".q_proj." in name else kv_heads)
         _add_tensor(writer, gguf, target, data, fmt)
+        written.add(target)
+        embedding = data if target == "token_embd.weight" else embedding
+    if arch_name == "phi2" and "output.weight" not in written and embedding is not None:
+        # llama.cpp's phi2 requires an output matrix; a tied model saved none (its lm_head is the embedding).
+        _add_tensor(writer, gguf, "output.weight", embedding, fmt)
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16}
     writer.add_file_type(file_types[fmt])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -102,22 +112,35 @@ def _architecture(config: dict) -> tuple[str, bool]:
     return SUPPORTED[arch]
 
 
-def _write_hparams(writer, config: dict) -> None:
+def _write_hparams(writer, config: dict, arch_name: str) -> None:
+    """The shape, rotary and norm settings llama.cpp reads for ``arch_name`` (llama, qwen2, phi2).
+
+    Qwen2's sliding-window fields are not written: llama.cpp's qwen2 attends over the whole
+    context, as the released Qwen2/2.5 models do (``use_sliding_window: false``).
+    """
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     rope = config.get("rope_parameters") or {}
+    # Phi rotates only the first share of each head; transformers 5 keeps the factor in
+    # rope_parameters, older config.json files (microsoft/phi-2's own) at the top level.
+    partial = float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * partial))
     if head_dim != config["hidden_size"] // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    if arch_name == "phi2":
+        if config.get("qk_layernorm"):
+            raise UserError("export: a Phi model with qk_layernorm has norms llama.cpp's phi2 does not hold; Phi-2 has none")
+        writer.add_layer_norm_eps(float(config.get("layer_norm_eps", 1e-5)))
+    else:
+        writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     writer.add_vocab_size(config["vocab_size"])
     _write_rope_scaling(writer, rope or config.get("rope_scaling") or {})
 
