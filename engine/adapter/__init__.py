@@ -230,7 +230,8 @@ def build_for_run(model_spec, quant_spec, adapter_spec, *, adapter_dir: Path | N
     """The run's model: base (quantized as configured), prepared for training, with the adapter.
 
     ``adapter_dir``: a trained PEFT adapter to load instead of a fresh one (evaluating a
-    finished run). Returns (model, tokenizer).
+    finished run); for adapter=layered, its levels (``adapter_dir/level_K``) stacked with
+    the spec's scales. Returns (model, tokenizer).
     """
     from engine.model import MODELS
     from engine.quantization import QUANTIZATIONS
@@ -244,6 +245,9 @@ def build_for_run(model_spec, quant_spec, adapter_spec, *, adapter_dir: Path | N
     elif model_spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+    if adapter_dir is not None and adapter_spec.kind == "layered":
+        levels = list(range(1, adapter_spec.levels + 1))
+        return load_stacked(model, adapter_dir, levels, adapter_spec.scales or None), tok
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -12,16 +12,23 @@ An ONNX file (engine.export.onnx) runs in onnxruntime; its greedy decoding goes 
 exported KV cache, so a broken cache shows as a greedy disagreement.
 Plus one yes/no for a GGUF: the chat template embedded in the GGUF renders the prompt to the same ids
 as the training template, so llama.cpp's chat API talks to the model the way it was trained.
+
+``check_files(CheckJob(...))`` checks every file a manifest lists and returns the numbers, each
+with the thresholds it was held to and whether it passed, plus every failure said in words; the
+check_export stage only picks the cases (``held_out_cases``) and records the result.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from engine.errors import UserError
+from engine.export.manifest import base_gguf_of
 
 
 @dataclass(frozen=True)
@@ -169,3 +176,133 @@ def failures(name: str, got: Parity, *, top1: float | None, max_dlogit: float | 
     if greedy is not None and got.greedy < greedy:
         out.append(f"{name}: greedy agreement {got.greedy:.3f} < {greedy} (export.check.greedy)")
     return out
+
+
+# --- every file of a manifest ------------------------------------------------------------
+
+
+def held_out_cases(
+    examples: list, tokenizer, *, prompts: int, max_tokens: int, prompt_text: Callable | None = None
+) -> list[Case]:
+    """The first ``prompts`` examples as cases: ``max_tokens`` ids teacher-forced, the prompt's ids.
+
+    Args:
+        examples: tokenized examples (``input_ids``, ``prompt_messages``), held-out ones first choice.
+        tokenizer: the run's tokenizer (the ids both sides are fed).
+        prompts: how many examples; max_tokens: teacher-forced ids per example (truncated).
+        prompt_text: ``(example, tokenizer) -> str``, the templated prompt of a chat example; None
+            for plain-text data, which has no prompt/answer turns: its first 8 tokens are the prompt.
+    """
+    cases = []
+    for ex in examples[:prompts]:
+        text = prompt_text(ex, tokenizer) if prompt_text is not None else None
+        prompt = tokenizer(text, add_special_tokens=False).input_ids if text is not None else ex.input_ids[:8]
+        cases.append(Case(forced=ex.input_ids[:max_tokens], prompt=prompt[-max_tokens:], messages=ex.prompt_messages))
+    return cases
+
+
+@dataclass(frozen=True)
+class CheckJob:
+    """What ``check_files`` compares, as plain values (the check_export stage fills it from the run)."""
+
+    files: dict[str, dict]
+    """manifest.json's ``files``: name -> entry (kind model | onnx | lora, format, base of a lora)."""
+    export_dir: Path
+    """Where the files are (the manifest's dir)."""
+    merged_dir: Path
+    """The merged HF model dir: the reference of full-model and ONNX files; its tokenizer holds the training template."""
+    cases: list[Case]
+    spec: Any
+    """Thresholds and lengths (``engine.export.CheckSpec``)."""
+    model: Any = None
+    """The base model spec a LoRA file's reference is built from (with ``quantization`` and ``trained``)."""
+    quantization: Any = None
+    trained: Any = None
+    """The run's trained weights (``engine.export.merge.Trained``); needed only when a LoRA file is listed."""
+    threads: int | None = None
+    """llama.cpp threads (None: its default)."""
+
+
+def check_files(job: CheckJob) -> tuple[dict, list[str]]:
+    """Every listed file against its HF reference; returns (numbers per file, failures in words).
+
+    Each file's numbers carry ``limits`` (the thresholds it was held to, None where none) and
+    ``passed``, so a reader of the manifest or the report needs no config to judge them.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec, cases = job.spec, job.cases
+    n_ctx = max(len(c.forced) for c in cases) + max(len(c.prompt) for c in cases) + spec.new_tokens + 8
+    tokenizer = AutoTokenizer.from_pretrained(job.merged_dir)
+    template = tokenizer.chat_template or ""
+    results, problems = {}, []
+    models = {n: e for n, e in job.files.items() if e["kind"] == "model"}
+    onnx = {n: e for n, e in job.files.items() if e["kind"] == "onnx"}
+    if models or onnx:
+        reference = AutoModelForCausalLM.from_pretrained(job.merged_dir).float().eval()
+        for name, entry in models.items():
+            results[name], more = _check_gguf(reference, job.export_dir / name, entry["format"], tokenizer, template, job, n_ctx)
+            problems += more
+        for name in onnx:
+            results[name], more = _check_onnx(reference, job.export_dir / name, cases, spec)
+            problems += more
+        del reference
+    for name, entry in job.files.items():
+        if entry["kind"] == "lora":
+            results[name], more = _check_lora(job, job.export_dir / name, entry, n_ctx)
+            problems += more
+    return results, problems
+
+
+def _limits(spec, fmt: str) -> dict:
+    return {"top1": spec.top1.get(fmt), "max_dlogit": spec.max_dlogit.get(fmt), "greedy": spec.greedy.get(fmt)}
+
+
+def _check_gguf(reference, path: Path, fmt: str, tokenizer, template: str, job: CheckJob, n_ctx: int) -> tuple[dict, list[str]]:
+    """A full-model GGUF vs the merged HF model, and its embedded chat template vs the training one."""
+    llm = open_gguf(path, n_ctx=n_ctx, threads=job.threads)
+    try:
+        got = parity(reference, llm, job.cases, new_tokens=job.spec.new_tokens)
+        chat = template_agrees(llm, tokenizer, job.cases, template) if template else {"embedded": False, "same_ids": None}
+    finally:
+        llm.close()
+    limits = _limits(job.spec, fmt)
+    problems = failures(path.name, got, **limits)
+    if chat["same_ids"] is False:
+        problems.append(f"{path.name}: its embedded chat template renders different token ids than the training template")
+    return {**got.as_dict(), "chat_template": chat, "limits": limits, "passed": not problems}, problems
+
+
+def _check_onnx(reference, path: Path, cases: list[Case], spec) -> tuple[dict, list[str]]:
+    """The ONNX file in onnxruntime vs the merged HF model; greedy decoding goes through its KV cache."""
+    from engine.export.onnx import OnnxLM
+
+    got = parity(reference, OnnxLM(path), cases, new_tokens=spec.new_tokens, logits=onnx_logits, greedy=onnx_greedy)
+    limits = _limits(spec, "onnx")
+    problems = failures(path.name, got, **limits)
+    return {**got.as_dict(), "limits": limits, "passed": not problems}, problems
+
+
+def _check_lora(job: CheckJob, path: Path, entry: dict, n_ctx: int) -> tuple[dict, list[str]]:
+    """The adapter on its base GGUF vs HF base + adapter(s), against the base file's own floor."""
+    from engine.export.merge import load_trained
+
+    spec = job.spec
+    reference, _ = load_trained(job.model, job.quantization, job.trained)
+    base = base_gguf_of(entry, job.export_dir)
+    llm = open_gguf(base, n_ctx=n_ctx, threads=job.threads)
+    try:
+        with reference.disable_adapter():
+            floor = parity(reference, llm, job.cases, new_tokens=spec.new_tokens)
+    finally:
+        llm.close()
+    llm = open_gguf(base, n_ctx=n_ctx, lora=path, threads=job.threads)
+    try:
+        got = parity(reference, llm, job.cases, new_tokens=spec.new_tokens)
+    finally:
+        llm.close()
+    need = round(floor.top1 - spec.lora_margin, 6)
+    limits = {"top1": need, "max_dlogit": None, "greedy": None}
+    problems = failures(f"{path.name} on {base.name}", got, **limits)
+    numbers = {**got.as_dict(), "base_floor": floor.as_dict(), "top1_needed": need, "limits": limits, "passed": not problems}
+    return numbers, problems

@@ -1,4 +1,4 @@
-"""What the report says, as blocks: what ran, data, training, evaluation, samples, artifacts.
+"""What the report says, as blocks: what ran, data, training, evaluation, samples, export, artifacts.
 
 Reads only plain values: the run's config (its specs), the metrics recorded so far (nested
 by stage, as in metrics.json) and files in the run dir. Which metrics are better lower and
@@ -42,6 +42,7 @@ def build(run_dir: Path, cfg: Any, metrics: dict, scales: Scales) -> list[Block]
     if ev and "skipped" not in ev:
         out += _evaluation(cfg.eval, ev, scales)
         out += _samples(run_dir, cfg.eval.report_examples)
+    out += _export(run_dir)
     plots = any(b.kind == "img" for b in out)  # written with the report, after this list is built
     out += [Block("h2", "Artifacts"), Block("table", header=["file", "what"], rows=_artifacts(run_dir, plots))]
     return out
@@ -183,6 +184,77 @@ def _train_log(run_dir: Path, ev: dict) -> list[tuple[int, float]]:
     return []
 
 
+def _export(run_dir: Path) -> list[Block]:
+    """One row per file in export/manifest.json: size, parity numbers, the thresholds, pass/fail.
+
+    Read from the manifest (export stages write it, check_export adds each file's numbers with
+    the limits it was held to), so a report written before check_export still lists the files.
+    """
+    path = run_dir / "export" / "manifest.json"
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return []
+    header = ["file", "kind", "format", "MB", "top-1", "max |Δlogit|", "greedy", "thresholds", "chat template", "result"]
+    rows = []
+    for name, e in files.items():
+        p = e.get("parity") or {}
+        fmt = e.get("format") or ""
+        if e.get("kind") == "lora":
+            fmt = f"on {_base_name(e.get('base'))} ({e.get('base_format')})"
+            if e.get("levels"):
+                fmt += f", levels {e['levels']} x {e.get('scales')}"
+        result = "not checked" if not p else {True: "pass", False: "FAIL"}.get(p.get("passed"), "n/a")
+        rows.append(
+            [
+                f"`{name}`",
+                e.get("kind", ""),
+                fmt,
+                f"{e['bytes'] / 1e6:.1f}" if isinstance(e.get("bytes"), int) else "n/a",
+                _fmt(p.get("top1")),
+                f"{p['max_dlogit']:.3g}" if isinstance(p.get("max_dlogit"), int | float) else "n/a",  # spans 1e-6 .. 10
+                _fmt(p.get("greedy")),
+                _limits_text(p),
+                _chat_text(p.get("chat_template")),
+                result,
+            ]
+        )
+    note = (
+        "Each file against the trained model on the same held-out token ids: teacher-forced top-1 agreement, "
+        "largest |logit difference|, greedy-continuation agreement. A LoRA GGUF runs on its base GGUF and is held "
+        "to that base's own agreement with the HF base (its floor) minus export.check.lora_margin. Chat template: "
+        "whether the template embedded in the GGUF renders the prompts to the training template's token ids."
+    )
+    return [Block("h2", "Export"), Block("p", note), Block("table", header=header, rows=rows)]
+
+
+def _base_name(base) -> str:
+    if isinstance(base, dict):
+        return f"{base.get('package')}/{base.get('file')}" if base.get("package") else str(base.get("file"))
+    return Path(str(base)).name
+
+
+def _limits_text(p: dict) -> str:
+    limits = p.get("limits") or {}
+    parts = []
+    floor = (p.get("base_floor") or {}).get("top1")
+    if limits.get("top1") is not None:
+        parts.append(f"top-1 ≥ {limits['top1']}" + (f" (base floor {floor:.4f})" if floor is not None else ""))
+    if limits.get("max_dlogit") is not None:
+        parts.append(f"|Δ| ≤ {limits['max_dlogit']}")
+    if limits.get("greedy") is not None:
+        parts.append(f"greedy ≥ {limits['greedy']}")
+    return ", ".join(parts) or "n/a"
+
+
+def _chat_text(chat) -> str:
+    if not chat:
+        return "n/a"
+    if not chat.get("embedded"):
+        return "none embedded"
+    return "same ids" if chat.get("same_ids") else "DIFFERENT ids"
+
+
 ARTIFACTS = [
     ("config.yaml", "resolved config"),
     ("metrics.json", "all metrics, nested by stage"),
@@ -192,6 +264,8 @@ ARTIFACTS = [
     ("generations.jsonl", "prompts, references, base and fine-tuned answers with ROUGE-L"),
     ("suites.jsonl", "behaviour-suite answers, pass/fail and failed checks"),
     ("lm_eval_tasks", "the lm-eval task YAMLs that were run"),
+    ("merged", "the adapter(s) folded into the base: a plain HF model dir (from_pretrained)"),
+    ("export", "exported files (GGUF, ONNX) and manifest.json with their sizes and parity numbers"),
     ("plots", "the report's plots as PNG"),
     ("rejected.jsonl", "rows that could not be used, with the reason"),
 ]

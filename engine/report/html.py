@@ -15,7 +15,7 @@ body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:#1a2
 h1{font-size:1.6rem;margin-bottom:.3rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #e2e8f0;padding-bottom:.2rem}
 table{border-collapse:collapse;margin:.6rem 0}th,td{border:1px solid #e2e8f0;padding:.3rem .7rem;text-align:left}
 th{background:#f7fafc}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.better{color:#276749}.worse{color:#c53030}code{background:#f7fafc;padding:0 .2rem;border-radius:3px}
+.better,.pass{color:#276749}.worse,.fail{color:#c53030}code{background:#f7fafc;padding:0 .2rem;border-radius:3px}
 img{max-width:100%;border:1px solid #e2e8f0;margin:.5rem 0}
 .sample{border:1px solid #e2e8f0;border-radius:6px;margin:1rem 0;padding:.6rem .9rem}
 .sample .q{font-weight:600;margin-bottom:.4rem}.cols{display:grid;grid-template-columns:repeat(3,1fr);gap:.8rem}
@@ -37,6 +37,8 @@ def _cell(text: str) -> str:
         cls.append("better")
     elif text.endswith(" worse"):
         cls.append("worse")
+    elif text in ("pass", "FAIL"):  # the export table's result column
+        cls.append(text.lower())
     attr = f' class="{" ".join(cls)}"' if cls else ""
     return f"<td{attr}>{_inline(text)}</td>"
 

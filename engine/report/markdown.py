@@ -13,7 +13,7 @@ def to_markdown(title: str, blocks: list[Block]) -> str:
         elif b.kind == "p":
             lines += [b.text, ""]
         elif b.kind == "table":
-            lines += ["| " + " | ".join(b.header) + " |", "|" + "---|" * len(b.header)]
+            lines += ["| " + " | ".join(h.replace("|", "\\|") for h in b.header) + " |", "|" + "---|" * len(b.header)]
             lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in b.rows] + [""]
         elif b.kind == "img":
             lines += [f"![{b.text}](plots/{b.name})", ""]

@@ -3,7 +3,14 @@
 Writes run_dir/export/: ``model-<format>.gguf`` per ``export.formats``; with ``export.lora``
 and a trained LoRA, ``adapter-lora.gguf`` plus the base it applies to (the packaged GGUF the
 run started from, or ``base-<f32|f16>.gguf`` written here). manifest.json lists every file
-with its size; check_export adds the parity numbers. The work is engine/export/gguf.py.
+with its size, and a LoRA's base by package + file or by its name in export/ (no local path:
+``engine.export.manifest.base_gguf_of`` resolves it); check_export adds the parity numbers.
+
+Layered adapters (train_layered): one ``adapter-lora.gguf`` holds every level, stacked along
+the rank with each level's scale folded into its B, i.e. exactly the update merge folds into
+model-*.gguf and the model check_export compares with. Why not one file per level: llama.cpp
+would apply them at whatever scales a user passes, and only the stack as trained is checked.
+The work is engine/export/gguf.py.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from engine.stages.registry import STAGES
 def export_gguf(ctx) -> dict:
     """Merged model -> GGUF in each export.formats; the LoRA alone -> a GGUF adapter for llama.cpp."""
     from engine.export.gguf import export_formats, write_lora_gguf
+    from engine.export.manifest import read_manifest, write_manifest
 
     cfg, spec = ctx.cfg, ctx.cfg.export
     merged = ensure_merged(ctx)
@@ -35,13 +43,14 @@ def export_gguf(ctx) -> dict:
             base, base_format = _base_gguf(ctx, out, template, pre)
             config = json.loads((merged / "config.json").read_text())
             lora = write_lora_gguf(trained, config, out / "adapter-lora.gguf")
-            files[lora.name] = {"kind": "lora", "base": str(base), "base_format": base_format}
+            files[lora.name] = {"kind": "lora", "base": base, "base_format": base_format}
+            if trained.levels:
+                files[lora.name] |= {"levels": trained.levels, "scales": trained.scales}
         for name, entry in files.items():
             entry["bytes"] = (out / name).stat().st_size
-        manifest = out / "manifest.json"
-        earlier = json.loads(manifest.read_text())["files"] if manifest.is_file() else {}
+        earlier = read_manifest(out)
         onnx = {n: e for n, e in earlier.items() if e["kind"] == "onnx"}  # export_onnx may have run first
-        manifest.write_text(json.dumps({"files": onnx | files}, indent=2))
+        write_manifest(out, onnx | files)
     ctx.accelerator.wait_for_everyone()
     return {"dir": str(out), "files": files}
 
@@ -64,9 +73,11 @@ def _source_pre(model_spec) -> str | None:
     return gguf_header_string(gguf_path(model_spec.package, model_spec.file), "tokenizer.ggml.pre")
 
 
-def _base_gguf(ctx, out: Path, template: str, pre: str | None) -> tuple[Path, str]:
-    """The base GGUF a LoRA adapter applies to: the packaged file itself, else the base written here."""
+def _base_gguf(ctx, out: Path, template: str, pre: str | None) -> tuple[dict, str]:
+    """The base GGUF a LoRA adapter applies to, as the manifest records it (``base_entry``), and its format:
+    the packaged file itself, else the base written here."""
     from engine.export.gguf import write_gguf
+    from engine.export.manifest import base_entry
     from engine.export.merge import load_base
 
     cfg = ctx.cfg
@@ -74,7 +85,7 @@ def _base_gguf(ctx, out: Path, template: str, pre: str | None) -> tuple[Path, st
         from engine.model import gguf_path
 
         path = gguf_path(cfg.model.package, cfg.model.file)
-        return path, path.stem.rsplit(".", 1)[-1]
+        return base_entry(path, out, package=cfg.model.package, file=cfg.model.file), path.stem.rsplit(".", 1)[-1]
     fmt = "f32" if "f32" in cfg.export.formats else "f16"
     base, tokenizer = load_base(cfg.model, cfg.quantization)
     tmp = out / ".base-hf.tmp"
@@ -83,4 +94,4 @@ def _base_gguf(ctx, out: Path, template: str, pre: str | None) -> tuple[Path, st
     tokenizer.save_pretrained(tmp)
     path = write_gguf(tmp, out / f"base-{fmt}.gguf", fmt, chat_template=template, pre=pre)
     shutil.rmtree(tmp, ignore_errors=True)
-    return path, fmt
+    return base_entry(path, out), fmt

@@ -8,8 +8,6 @@ engine/export/onnx.py.
 
 from __future__ import annotations
 
-import json
-
 from engine.stages.merge import ensure_merged
 from engine.stages.registry import STAGES
 
@@ -17,6 +15,7 @@ from engine.stages.registry import STAGES
 @STAGES.register("export_onnx")
 def export_onnx(ctx) -> dict:
     """Merged model -> export/model.onnx (inputs ids, mask, positions, past key/values; outputs logits, present)."""
+    from engine.export.manifest import read_manifest, write_manifest
     from engine.export.onnx import write_onnx
 
     merged = ensure_merged(ctx)
@@ -28,9 +27,6 @@ def export_onnx(ctx) -> dict:
         if len(written) > 1:
             entry["data"] = written[1].name
         files[written[0].name] = entry
-        manifest_path = out / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
-        manifest["files"] |= files
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+        write_manifest(out, read_manifest(out) | files)  # next to whatever export_gguf listed
     ctx.accelerator.wait_for_everyone()
     return {"dir": str(out), "files": files}
