@@ -60,6 +60,8 @@ def registries() -> dict[str, Registry]:
     from engine.loss import LOSSES
     from engine.model import MODELS
     from engine.quantization import QUANTIZATIONS
+    from engine.serve import SERVERS
+    from engine.serve import backends as _  # noqa: F401  (registers the serve kinds)
 
     return {
         "model": MODELS,
@@ -68,6 +70,7 @@ def registries() -> dict[str, Registry]:
         "loss": LOSSES,
         "data": SHAPES,
         "export": EXPORTS,
+        "serve": SERVERS,
     }
 
 

@@ -47,6 +47,8 @@ class RunConfig:
     raw: dict
     export: Any = None
     """What leaves Python after training (engine/export/): formats and parity thresholds."""
+    serve: Any = None
+    """The HTTP server of the serve stage (engine/serve/): backend, address, key, adapter dirs."""
     evaluated_run: EvaluatedRun | None = None
 
 

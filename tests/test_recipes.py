@@ -25,7 +25,9 @@ import pytest
 import yaml
 from conftest import ROOT, run_engine
 
-RECIPES = sorted(p.stem for p in (ROOT / "engine" / "conf" / "recipe").glob("*.yaml"))
+SERVING = {"serve_smollm2"}
+"""Recipes that run a server until stopped: tests/test_serve.py starts it, queries it and SIGTERMs it."""
+RECIPES = sorted(p.stem for p in (ROOT / "engine" / "conf" / "recipe").glob("*.yaml") if p.stem not in SERVING)
 EVALUATED = "lora_smollm2"
 """The finished run that recipe eval_run evaluates again."""
 

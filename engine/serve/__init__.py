@@ -6,9 +6,10 @@ Kinds (the preset is the backend; ``serve=hf`` swaps the whole subtree):
   hf        transformers + PEFT adapters on any device (the run's own base and adapter dirs).
 
 Layout: ``backend`` (the contract every backend implements), ``backends/`` (one module per
-kind), ``adapters`` (which adapter files may load: configured directories only), ``app``
-(the FastAPI routes, validation, auth, queue). The serve stage (engine/stages/serve.py)
-builds a backend from the spec and runs the app under uvicorn.
+kind), ``adapters`` (which adapter files may load: configured directories only), ``openai``
+(OpenAI's request bodies and error shape), ``app`` (the FastAPI routes, auth, queue, adapter
+switching), ``server`` (uvicorn on a bound socket, clean stop on SIGTERM). The serve stage
+(engine/stages/serve.py) builds a backend from the spec and runs the app under uvicorn.
 """
 
 from __future__ import annotations

@@ -73,10 +73,16 @@ class Backend(Protocol):
         with the assistant turn opened."""
 
     def generate(self, request: GenerateRequest) -> Iterator[Piece]:
-        """Stream the completion. Stop strings are honoured here (text never passes one)."""
+        """Stream the completion. Stop strings are honoured here (text never passes one).
 
-    def load_adapter(self, name: str, path) -> AdapterInfo:
-        """Load an adapter file/dir (already checked to be inside the allowed dirs)."""
+        Yield a piece per generated token (its text may be empty while held back): the app
+        checks between pieces whether the client is still there and counts ``token_ids`` for
+        ``usage``. Raise ``UserError`` for a request this model cannot serve (a 400)."""
+
+    def load_adapter(self, name: str, path, *, run: str | None = None, recipe: str | None = None) -> AdapterInfo:
+        """Load an adapter file/dir (already checked to be inside the allowed dirs); ``run`` and
+        ``recipe`` say where it came from (shown by /v1/models). A file that is no adapter for
+        this base raises ``UserError`` with a message free of local paths."""
 
     def adapters(self) -> list[AdapterInfo]:
         """Loaded adapters, in load order."""

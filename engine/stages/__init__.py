@@ -17,6 +17,7 @@ from engine.stages import (  # noqa: F401
     prepare_data,
     preview_data,
     report,
+    serve,
     train,
     train_layered,
 )

@@ -1,0 +1,423 @@
+"""The ``llamacpp`` backend: one GGUF base in llama.cpp, GGUF LoRA adapters switched per request.
+
+Why the low-level adapter API: ``Llama(lora_path=...)`` fixes one adapter for the life of the
+model. Here every adapter file is loaded once (``llama_adapter_lora_init``) and a request's
+set -- one adapter, a blend of several with scales, or none -- is put on the context with
+``llama_set_adapters_lora`` before its first token, so switching costs no reload of the base.
+
+Why the prefix cache is reset on a switch: the high-level ``Llama.generate`` reuses the
+longest cached prefix of the previous prompt, and those keys/values were computed under the
+previous adapter set. Reusing them would mix two adapters in one response.
+
+Why token ids, not text: the chat template is rendered here (sandboxed jinja, the GGUF's own
+``tokenizer.chat_template``) and tokenized with special tokens parsed; the ids go to
+``generate``. Feeding prompt *text* through llama-cpp-python's chat path gave different ids
+than transformers for the same conversation (docs: ENV-NOTES "Parity trap").
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from engine.errors import UserError
+from engine.serve import SERVERS, LlamaCppSpec
+from engine.serve.backend import AdapterInfo, AdapterScale, GenerateRequest, Piece
+
+GGUF_MAGIC = b"GGUF"
+
+
+@SERVERS.register("llamacpp", LlamaCppSpec)
+def build_llamacpp(
+    spec: LlamaCppSpec,
+    *,
+    model_spec=None,
+    gguf_path: Path | None = None,
+    adapter_paths: dict[str, Path] | None = None,
+    run_info: dict[str, dict] | None = None,
+) -> LlamaCppBackend:
+    """A GGUF base through llama-cpp-python with the given GGUF LoRA adapters loaded (none active).
+
+    Args:
+        spec: the serve group's llamacpp preset (context length, threads).
+        model_spec: the model group's spec; its packaged GGUF is the base when neither
+            ``gguf_path`` nor ``spec.gguf`` names one (the offline default, SmolLM2 Q4_1).
+        gguf_path: the base GGUF, already resolved by the caller (a run's export, say).
+        adapter_paths: name -> GGUF LoRA file, already checked to be inside the allowed dirs.
+        run_info: name -> ``{"run": ..., "recipe": ...}`` for /v1/models; an adapter without an
+            entry gets them from the run dir it lies in (the nearest parent with config.yaml).
+    """
+    base = _base_path(spec, model_spec, gguf_path)
+    backend = LlamaCppBackend(base, context_length=spec.context_length, threads=spec.threads or os.cpu_count() or 1)
+    try:
+        for name, path in (adapter_paths or {}).items():
+            info = (run_info or {}).get(name)
+            backend.load_adapter(name, path, run=info.get("run") if info else None, recipe=info.get("recipe") if info else None)
+    except BaseException:
+        backend.close()
+        raise
+    return backend
+
+
+def _base_path(spec: LlamaCppSpec, model_spec, gguf_path: Path | None) -> Path:
+    if gguf_path is not None:
+        return Path(gguf_path)
+    if spec.gguf:
+        return Path(spec.gguf).expanduser()
+    if getattr(model_spec, "kind", None) == "gguf":
+        from engine.model import gguf_path as packaged
+
+        return packaged(model_spec.package, model_spec.file)
+    what = f"model={model_spec.kind}" if model_spec is not None else "no model group"
+    raise UserError(
+        f"serve.gguf: the llamacpp backend needs a GGUF base and {what} ships none; set serve.gguf to an exported "
+        "model-<format>.gguf (export_gguf writes one), use model=smollm2_135m (its packaged GGUF), or serve=hf"
+    )
+
+
+@dataclass
+class _Adapter:
+    info: AdapterInfo
+    handle: object
+    """The ``llama_adapter_lora *`` from llama_adapter_lora_init; freed in close()."""
+    source: Path
+
+
+class LlamaCppBackend:
+    """One ``llama_cpp.Llama`` (loaded once) and its LoRA adapters; see the module doc for why.
+
+    Not thread-safe by design: the app runs one generation at a time per backend. A generation
+    that is still open when another starts stops at its next token instead of reading a
+    context the newer one changed.
+    """
+
+    def __init__(self, path: Path, *, context_length: int, threads: int):
+        import llama_cpp
+
+        _check_gguf_file(path, "serve.gguf")
+        try:
+            self._llm = llama_cpp.Llama(
+                str(path),
+                n_ctx=context_length,
+                n_threads=threads,
+                n_threads_batch=threads,
+                logits_all=False,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError):
+            raise UserError(
+                f"serve.gguf: llama.cpp could not load {path.name}{_gguf_kind_hint(path)}; point serve.gguf at a "
+                "complete GGUF model file (export_gguf writes model-<format>.gguf)"
+            ) from None
+        self.model_id = path.stem
+        self.context_length = context_length
+        self._adapters: dict[str, _Adapter] = {}
+        self._active: tuple[tuple[str, float], ...] = ()
+        self._generation = 0
+        """Counts generations started; an older one still open stops (see the class doc)."""
+
+    # --- text -> ids -----------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return self._model().tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        """The GGUF's own chat template, sandboxed, with the assistant turn opened; then its ids."""
+        from jinja2.exceptions import SecurityError, TemplateError
+
+        template = self._template
+        try:
+            text = template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self._special_text("bos"),
+                eos_token=self._special_text("eos"),
+            )
+        except SecurityError as e:
+            raise UserError(f"chat template of {self.model_id} was stopped by the sandbox: {e}") from None
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
+            raise UserError(f"chat template of {self.model_id} refused these messages: {e}") from None
+        return self.tokenize(text)
+
+    @cached_property
+    def _template(self):
+        import jinja2.ext
+        from jinja2.exceptions import TemplateSyntaxError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        source = self._model().metadata.get("tokenizer.chat_template")
+        if not source:
+            raise UserError(
+                f"{self.model_id} carries no chat template (GGUF key tokenizer.chat_template); use /v1/completions "
+                "with your own prompt text, or serve a GGUF exported by export_gguf (it embeds the training template)"
+            )
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.globals["raise_exception"] = _raise_exception
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+        try:
+            return env.from_string(source)
+        except TemplateSyntaxError as e:
+            raise UserError(f"chat template of {self.model_id} does not compile (line {e.lineno}: {e.message})") from None
+
+    def _special_text(self, which: str) -> str:
+        """The text of the file's BOS/EOS token; empty when the file names none.
+
+        llama.cpp falls back to a default id (11 for a gpt2 vocab) when the key is missing, and a
+        template would then render that token; transformers renders nothing, and so do we.
+        """
+        llm = self._model()
+        named = llm.metadata.get(f"tokenizer.ggml.{which}_token_id")
+        return llm._model.token_get_text(int(named)) if named is not None else ""
+
+    # --- generation ------------------------------------------------------------------
+
+    def generate(self, request: GenerateRequest) -> Iterator[Piece]:
+        """Stream pieces of text; see ``_stream`` for stop strings, UTF-8 and finish reasons.
+
+        The checks run on the call, so a bad request (unknown adapter, prompt past the context)
+        fails before anything streams. The adapter set goes on the context when the first piece
+        is asked for -- in the worker that runs the generation -- and stays for the whole response.
+        """
+        self._model()  # closed: fail on the call
+        prompt = list(request.prompt_ids)
+        if not prompt:
+            raise UserError("the prompt is empty; llama.cpp needs at least one token to continue from")
+        room = self.context_length - len(prompt)
+        if room <= 0:
+            n, ctx = len(prompt), self.context_length
+            raise UserError(f"the prompt has {n} tokens; the context holds {ctx} (serve.context_length)")
+        wanted = self._adapter_set(request.adapters)
+        return self._stream(prompt, request, wanted, min(request.max_tokens, room))
+
+    def _stream(
+        self, prompt: list[int], request: GenerateRequest, wanted: tuple[tuple[str, float], ...], budget: int
+    ) -> Iterator[Piece]:
+        """Tokens until EOS (``stop``), a stop string (``stop``) or the budget (``length``).
+
+        Text is decoded from each token's bytes with an incremental UTF-8 decoder, so a
+        character split over two tokens comes out whole. A tail that could still become a
+        stop string is held back; text past a stop string is never emitted. ``token_ids`` of
+        all pieces together are the generated tokens (EOS excluded).
+        """
+        import llama_cpp
+
+        llm = self._model()
+        self._activate(wanted)
+        self._generation += 1
+        generation = self._generation
+        llm.set_seed(request.seed if request.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
+        greedy = request.temperature == 0
+        tokens = llm.generate(
+            prompt,
+            temp=0.0 if greedy else request.temperature,
+            top_p=1.0 if greedy else request.top_p,
+            top_k=0,  # OpenAI semantics: temperature and top_p only (0 disables top-k, min-p, typical)
+            min_p=0.0,
+            typical_p=1.0,
+            repeat_penalty=1.0,
+            reset=True,
+        )
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending, ids, finish = "", [], "length"  # decoded text not yet sent, and its token ids
+        vocab = llm._model.vocab
+        try:
+            for n, token in enumerate(tokens, start=1):
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                ids.append(int(token))
+                pending += decoder.decode(self._piece(token))
+                cut, hit = stop_cut(pending, 0, request.stop)
+                if hit:
+                    yield Piece(pending[:cut], ids, "stop")
+                    return
+                if cut > 0:
+                    yield Piece(pending[:cut], ids)
+                    pending, ids = pending[cut:], []
+                if n >= budget:
+                    break
+                if self._llm is None:
+                    raise RuntimeError("the llama.cpp backend was closed during a generation")
+                if generation != self._generation:
+                    raise RuntimeError("another generation started on this llama.cpp backend before this one finished")
+        finally:
+            tokens.close()
+        pending += decoder.decode(b"", final=True)
+        cut, hit = stop_cut(pending, 0, request.stop)
+        yield Piece(pending[:cut] if hit else pending, ids, "stop" if hit else finish)
+
+    def _piece(self, token: int) -> bytes:
+        """The token's bytes (special tokens as nothing), growing the buffer for long pieces."""
+        import llama_cpp
+
+        vocab = self._model()._model.vocab
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+
+    # --- adapters --------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path, *, run: str | None = None, recipe: str | None = None) -> AdapterInfo:
+        """Load a GGUF LoRA once and keep it under ``name``; loading the same file again is a no-op."""
+        import llama_cpp
+
+        path = Path(path)
+        if name in self._adapters:
+            known = self._adapters[name]
+            if known.source.resolve() == path.resolve():
+                return known.info
+            raise UserError(f"adapter '{name}' is already loaded from another file; pick another name")
+        if path.is_dir() or path.suffix == ".safetensors":
+            raise UserError(
+                f"adapter '{name}' ({path.name}) is a PEFT adapter; the llamacpp backend applies GGUF LoRA adapters: "
+                "export it with export_gguf (export.lora=true) and load adapter-lora.gguf, or serve it with serve=hf"
+            )
+        _check_gguf_file(path, f"adapter '{name}'")
+        handle = llama_cpp.llama_adapter_lora_init(self._model().model, str(path).encode("utf-8"))
+        if not handle:
+            raise UserError(
+                f"adapter '{name}': llama.cpp could not apply {path.name} to {self.model_id}{_gguf_kind_hint(path)}. "
+                "A GGUF LoRA fits only the base it was trained on (same architecture and shapes); export_gguf writes "
+                "adapter-lora.gguf with the base it belongs to in export/manifest.json"
+            )
+        if run is None and recipe is None:
+            run, recipe = _provenance(path)
+        info = AdapterInfo(name=name, format="gguf", run=run, recipe=recipe)
+        self._adapters[name] = _Adapter(info=info, handle=handle, source=path)
+        return info
+
+    def adapters(self) -> list[AdapterInfo]:
+        return [a.info for a in self._adapters.values()]
+
+    def _adapter_set(self, adapters: tuple[AdapterScale, ...]) -> tuple[tuple[str, float], ...]:
+        """A request's set as (name, scale) pairs, checked; a zero scale is left out (it is the base, exactly)."""
+        wanted: list[tuple[str, float]] = []
+        for a in adapters:
+            if a.name not in self._adapters:
+                have = ", ".join(self._adapters) or "none loaded"
+                raise UserError(f"adapter '{a.name}' is not loaded (loaded: {have})")
+            if any(a.name == n for n, _ in wanted):
+                raise UserError(f"adapter '{a.name}' is named twice in one set; give it once with the sum of its scales")
+            if a.scale != 0:
+                wanted.append((a.name, float(a.scale)))
+        return tuple(wanted)
+
+    def _activate(self, wanted: tuple[tuple[str, float], ...]) -> None:
+        """Put a set on the context when it differs from the last one, and drop the prefix cache."""
+        import llama_cpp
+
+        if wanted == self._active:
+            return
+        llm = self._model()
+        n = len(wanted)
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*(self._adapters[name].handle for name, _ in wanted))
+        scales = (ctypes.c_float * n)(*(scale for _, scale in wanted))
+        if llama_cpp.llama_set_adapters_lora(llm.ctx, handles, n, scales) != 0:
+            raise UserError(f"llama.cpp refused the adapter set {wanted}")
+        self._active = wanted
+        llm.reset()  # the cached prefix was computed under the previous set: never reuse it
+
+    # --- lifetime --------------------------------------------------------------------
+
+    def _model(self):
+        if self._llm is None:
+            raise UserError("this llama.cpp backend is closed")
+        return self._llm
+
+    def close(self) -> None:
+        """Detach and free every adapter, then the model (an adapter freed after its model is a use-after-free)."""
+        llm, self._llm = getattr(self, "_llm", None), None
+        if llm is None:
+            return
+        import llama_cpp
+
+        if self._adapters:
+            llama_cpp.llama_set_adapters_lora(llm.ctx, None, 0, None)
+            for adapter in self._adapters.values():
+                llama_cpp.llama_adapter_lora_free(adapter.handle)
+            self._adapters.clear()
+        self._active = ()
+        llm.close()
+
+    def __del__(self):
+        self.close()
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def stop_cut(text: str, start: int, stops: tuple[str, ...]) -> tuple[int, bool]:
+    """How much of ``text`` may be emitted, and whether a stop string was reached.
+
+    ``text[:start]`` is already out. With a stop string in ``text[start:]``: (its first
+    position, True). Otherwise everything but the longest tail that is a proper prefix of
+    some stop string (it may complete with the next token): (that cut, False).
+    """
+    found = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+    if found:
+        return min(found), True
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text) - start), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return len(text) - hold, False
+
+
+def _raise_exception(message: str):
+    """What chat templates call to refuse a conversation (``raise_exception('...')``)."""
+    raise ValueError(message)
+
+
+def _check_gguf_file(path: Path, what: str) -> None:
+    """Missing or not a GGUF at all: say so by file name (never the local path)."""
+    if not path.is_file():
+        raise UserError(f"{what}: {path.name} does not exist or is not a file")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise UserError(f"{what}: {path.name} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def _gguf_kind_hint(path: Path) -> str:
+    """`` (it is a LoRA adapter, not a model)`` and the like, when the header says so; else nothing."""
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+        field = reader.get_field("general.type")
+        kind = field.contents() if field is not None else None
+        arch = reader.get_field("general.architecture")
+        arch = arch.contents() if arch is not None else None
+    except Exception:
+        return " (the file is damaged or truncated)"
+    parts = [f"general.type={kind}" if kind else "", f"architecture {arch}" if arch else ""]
+    said = ", ".join(p for p in parts if p)
+    return f" ({said})" if said else ""
+
+
+def _provenance(path: Path) -> tuple[str | None, str | None]:
+    """(run dir name, recipe) of the run an adapter file lies in: the nearest parent with config.yaml."""
+    import yaml
+
+    for parent in list(path.parents)[:3]:
+        config = parent / "config.yaml"
+        if config.is_file():
+            try:
+                recipe = (yaml.safe_load(config.read_text()) or {}).get("recipe")
+            except (yaml.YAMLError, OSError, AttributeError):
+                recipe = None
+            return parent.name, recipe if isinstance(recipe, str) else None
+    return None, None
