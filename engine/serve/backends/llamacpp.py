@@ -11,13 +11,14 @@ previous adapter set. Reusing them would mix two adapters in one response.
 
 Why token ids, not text: the chat template is rendered here (sandboxed jinja, the GGUF's own
 ``tokenizer.chat_template``) and tokenized with special tokens parsed; the ids go to
-``generate``. Feeding prompt *text* through llama-cpp-python's chat path gave different ids
-than transformers for the same conversation (docs: ENV-NOTES "Parity trap").
+``generate``. On SmolLM2, ``Llama.__call__`` with the ChatML prompt *text* answered differently
+(and wrongly) where the same token ids as transformers' gave its answer (ENV-NOTES "Parity trap").
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import json
 import os
@@ -57,8 +58,8 @@ def build_llamacpp(
     backend = LlamaCppBackend(base, context_length=spec.context_length, threads=spec.threads or os.cpu_count() or 1)
     try:
         for name, path in (adapter_paths or {}).items():
-            info = (run_info or {}).get(name)
-            backend.load_adapter(name, path, run=info.get("run") if info else None, recipe=info.get("recipe") if info else None)
+            info = (run_info or {}).get(name) or {}
+            backend.load_adapter(name, path, run=info.get("run"), recipe=info.get("recipe"))
     except BaseException:
         backend.close()
         raise
@@ -115,6 +116,7 @@ class LlamaCppBackend:
                 f"serve.gguf: llama.cpp could not load {path.name}{_gguf_kind_hint(path)}; point serve.gguf at a "
                 "complete GGUF model file (export_gguf writes model-<format>.gguf)"
             ) from None
+        self._lib = llama_cpp
         self.model_id = path.stem
         self.context_length = context_length
         self._adapters: dict[str, _Adapter] = {}
@@ -341,7 +343,7 @@ class LlamaCppBackend:
         llm, self._llm = getattr(self, "_llm", None), None
         if llm is None:
             return
-        import llama_cpp
+        llama_cpp = self._lib  # not imported here: at interpreter exit imports fail
 
         if self._adapters:
             llama_cpp.llama_set_adapters_lora(llm.ctx, None, 0, None)
@@ -352,7 +354,8 @@ class LlamaCppBackend:
         llm.close()
 
     def __del__(self):
-        self.close()
+        with contextlib.suppress(Exception):  # a backend nobody closed, at interpreter exit
+            self.close()
 
 
 # --- helpers ---------------------------------------------------------------------------
