@@ -18,10 +18,20 @@ def main() -> None:
     relaunch_with_huge_pages()
     # Tokenizers' own thread pool fights the training threads and warns after a fork.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if sys.argv[1:2] == ["sweep"]:  # `engine sweep DIR`: the same as `python -m engine.sweep DIR`
+        from engine.sweep.__main__ import main as sweep_main
+
+        sys.exit(sweep_main(sys.argv[2:]))
     from engine.cli import prepare
 
     sys.argv = [sys.argv[0], *prepare(sys.argv[1:])]
-    _hydra_main()
+    try:
+        _hydra_main()
+    finally:
+        from engine.sweep.__main__ import after_multirun
+
+        code = after_multirun()
+    sys.exit(code)
 
 
 def _hydra_main() -> None:
@@ -30,10 +40,10 @@ def _hydra_main() -> None:
     from engine.cli import CONF_DIR
 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-    def task(cfg) -> None:
+    def task(cfg) -> float | None:
         from engine.cli import run_task
 
-        run_task(cfg)
+        return run_task(cfg)  # a sweep job's objective, for Hydra's sweeper
 
     task()
 

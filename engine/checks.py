@@ -59,6 +59,8 @@ def cross_checks(specs: dict[str, Any], top: Any, problems: list[str]) -> None:
     _check_stages(specs, stages, problems)
     _check_export(specs, stages, problems)
     _check_serve(specs, stages, problems)
+    _check_sweep(specs, stages, problems)
+    _check_retrieval(specs, stages, problems)
 
     if adapter is not None and top is not None:
         layered = adapter.kind == "layered"
@@ -108,6 +110,18 @@ def _check_stages(specs: dict[str, Any], stages: list[str], problems: list[str])
         elif not trains or known.index("archive_documents") < known.index(trains[-1]):
             problems.append(
                 "stages: archive_documents must come after the training stage (files move only once training on them finished)"
+            )
+
+
+def _check_sweep(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
+    """metrics.json is nested by stage: an objective or plotted metric of a stage that does not run never appears."""
+    sweep = specs.get("sweep")
+    for key in ("objective", "metric"):
+        value = getattr(sweep, key, None)
+        if value and stages and value.split(".")[0] not in stages:
+            problems.append(
+                f"sweep.{key}: '{value}' is under '{value.split('.')[0]}' in metrics.json, but that stage does not run "
+                f"(stages: {', '.join(stages)}); name a key of a stage that runs, e.g. train.final_loss"
             )
 
 
@@ -168,6 +182,22 @@ def _check_serve(specs: dict[str, Any], stages: list[str], problems: list[str]) 
         )
 
 
+def _check_retrieval(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
+    """build_index needs an index kind; passages go into prompts only where the data has prompts."""
+    retrieval, data = specs.get("retrieval"), specs.get("data")
+    off = retrieval is None or retrieval.kind == "none"
+    if "build_index" in stages and retrieval is not None and off:
+        problems.append(
+            "stages: build_index builds the retrieval index, but retrieval is none; choose an index kind, "
+            "e.g. retrieval=flat_ip (or flat_l2, hnsw, ivf_pq), or drop build_index from stages"
+        )
+    if not off and retrieval.k > 0 and data is not None and data.kind in ("text", "documents"):
+        problems.append(
+            f"retrieval.k: {retrieval.k} passages would go into each prompt, but data kind '{data.kind}' has no prompt "
+            "(every token is trained on); use retrieval.k=0 (build and score the index only) or retrieval=none"
+        )
+
+
 def evaluated_run(cfg, validate):
     """Resolve ``eval.run_dir`` (a finished run to evaluate again) into the config, or raise ConfigError.
 
@@ -197,6 +227,7 @@ def evaluated_run(cfg, validate):
     raw.setdefault("eval", {})["run_dir"] = None
     raw.setdefault("export", cfg.raw.get("export"))  # runs from before the export group
     raw.setdefault("serve", cfg.raw.get("serve"))  # runs from before the serve group
+    raw.setdefault("retrieval", {"kind": "none"})  # runs from before the retrieval group: they retrieved nothing
     try:
         old = validate(raw)
     except UserError as e:

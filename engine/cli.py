@@ -8,6 +8,7 @@ message instead of a traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -101,6 +102,10 @@ def precheck(argv: list[str], conf_dir: str) -> list[str]:
             from engine.config import validate
 
             validate(raw)
+            from engine.sweep.spec import check_plugins
+
+            if problems := check_plugins(argv, conf_dir, raw.get("sweep") or {}):
+                raise ConfigError(problems)
             argv = claim_run_dir(argv, hydra)
     except UserError as e:
         fail(e)
@@ -121,10 +126,21 @@ def _overrides(argv: list[str]) -> list[str]:
         if o.key_or_group.startswith("hydra") and not o.key_or_group.startswith(KEPT_HYDRA_KEYS):
             continue
         if o.is_sweep_override():
-            out.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+            out.append(f"{o.get_key_element()}={_first_value(o)}")
         else:
             out.append(o.input_line)
     return out
+
+
+def _first_value(o) -> str:
+    """A value the sweep can give a key: the first of a choice or range, an interval's lower end
+    (Optuna's search spaces: ``interval(1e-5, 1e-3)``, ``tag(log, interval(...))``)."""
+    from hydra.core.override_parser.types import ValueType
+
+    if o.value_type == ValueType.INTERVAL_SWEEP:
+        start = o.value().start
+        return str(int(start) if float(start).is_integer() and "int(" in o.input_line else start)
+    return next(iter(o.sweep_string_iterator()))
 
 
 def compose_and_validate(argv: list[str], conf_dir: str, check: bool = True, added: set[str] | None = None):
@@ -353,19 +369,83 @@ def share_run_dir(argv: list[str]) -> list[str]:
     return [*argv, *extra]
 
 
-def run_task(cfg) -> None:
-    """Hydra's task function: validate, then run the pipeline in Hydra's run dir."""
+def run_task(cfg) -> float | None:
+    """Hydra's task function: validate, then run the pipeline in Hydra's run dir (a sweep's job: see
+    ``run_sweep_job``; it returns the job's ``sweep.objective`` value to Hydra's sweeper)."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from engine.config import validate
     from engine.pipeline import run
 
     hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    keep_local_paths_out(run_dir, hc.output_subdir)
     raw = OmegaConf.to_container(cfg, resolve=True)
     raw["recipe"] = hc.runtime.choices.get("recipe")
+    if hc.mode == RunMode.MULTIRUN:
+        return run_sweep_job(raw, run_dir, list(hc.overrides.task), tell_failures="optuna" in str(hc.sweeper.get("_target_")))
     try:
         validated = validate(raw)
-        run(validated, Path(hc.runtime.output_dir))
+        run(validated, run_dir)
     except UserError as e:
         fail(e)
+
+
+def keep_local_paths_out(run_dir: Path, output_subdir: str | None) -> None:
+    """What Hydra writes into the run dir itself, with local paths shown as ``engine.files.shown_text`` does.
+
+    Hydra's record of its own settings (``.hydra/hydra.yaml``: the working dir, the output dir,
+    the config search path) is rewritten once, before any stage runs; the log file
+    (``<job>.log``, where other libraries' log lines name the files they read and write) gets a
+    formatter that does the same to every line. Why not drop them: ``.hydra/`` keeps the command
+    line (overrides.yaml) and the composed config as typed, and the log what libraries said. The
+    terminal is left as it is: there a local path is what the user needs.
+    """
+    from engine.files import shown_text, write_text_atomic
+
+    record = run_dir / output_subdir / "hydra.yaml" if output_subdir else None
+    if record is not None and record.is_file():
+        write_text_atomic(record, shown_text(record.read_text(), run_dir))
+    here = os.path.realpath(run_dir)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and os.path.dirname(os.path.realpath(handler.baseFilename)) == here:
+            handler.setFormatter(ShownPathsFormatter(handler.formatter, run_dir))
+
+
+class ShownPathsFormatter(logging.Formatter):
+    """Another formatter's lines with local paths shown (``engine.files.shown_text``)."""
+
+    def __init__(self, inner: logging.Formatter | None, run_dir: Path):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+        self.run_dir = run_dir
+
+    def format(self, record: logging.LogRecord) -> str:
+        from engine.files import shown_text
+
+        return shown_text(self.inner.format(record), self.run_dir)
+
+
+def run_sweep_job(raw: dict, run_dir: Path, overrides: list[str], tell_failures: bool = False) -> float | None:
+    """One job of a multirun: its failure is recorded and the sweep goes on (``engine.sweep.job``).
+
+    Hydra's basic launcher stops a multirun at the first job that raises; here the job's error
+    is written to ``sweep_job.json`` and the next job runs; the entry point exits 1 at the end if
+    any failed. A stop by signal or Ctrl-C (exit 128+n) still ends the sweep, with its status.
+    ``tell_failures``: the sweeper learns of a failed job by an exception (Optuna), not a NaN.
+    """
+    from engine.config import validate
+    from engine.pipeline import run
+    from engine.sweep.job import run_job
+
+    def work() -> None:
+        run(validate(raw), run_dir)
+
+    try:
+        objective = (raw.get("sweep") or {}).get("objective")
+        return run_job(run_dir, overrides, objective=objective, work=work, raise_failure=tell_failures)
+    except UserError as e:  # only a stop gets here: the sweep ends with the job's exit status
+        fail(e)
+    return None

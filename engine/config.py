@@ -18,6 +18,7 @@ from engine.context import RunConfig
 from engine.errors import ConfigError
 from engine.evaluate.spec import EvalSpec
 from engine.registry import Registry, Strict, did_you_mean
+from engine.sweep.spec import SweepSpec
 from engine.train.spec import TrainSpec
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
@@ -60,6 +61,8 @@ def registries() -> dict[str, Registry]:
     from engine.loss import LOSSES
     from engine.model import MODELS
     from engine.quantization import QUANTIZATIONS
+    from engine.retrieval import RETRIEVAL
+    from engine.retrieval import index as _index  # noqa: F401  (registers the index kinds)
     from engine.serve import SERVERS
     from engine.serve import backends as _  # noqa: F401  (registers the serve kinds)
 
@@ -71,10 +74,11 @@ def registries() -> dict[str, Registry]:
         "data": SHAPES,
         "export": EXPORTS,
         "serve": SERVERS,
+        "retrieval": RETRIEVAL,
     }
 
 
-FIXED = {"train": TrainSpec, "eval": EvalSpec}
+FIXED = {"train": TrainSpec, "eval": EvalSpec, "sweep": SweepSpec}
 
 
 def validate(raw: dict[str, Any]) -> RunConfig:
@@ -146,7 +150,7 @@ def _describe(schema: type[BaseModel], key: str, e: dict) -> str:
     if e["type"] == "extra_forbidden":
         leaf = key.rsplit(".", 1)[-1]
         valid = [f for f in schema.model_fields if f != "kind"]
-        return f"{key}: unknown key{_suggest(leaf, valid)}; valid keys here: {', '.join(valid)}"
+        return f"{key}: unknown key{_suggest(leaf, valid)}; valid keys here: {', '.join(valid) or 'none (this kind takes no settings)'}"
     msg = e["msg"].replace("Input should be", "should be").replace("Value error, ", "")
     if e["type"] == "missing":
         return f"{key}: required, but not set"

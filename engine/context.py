@@ -49,6 +49,10 @@ class RunConfig:
     """What leaves Python after training (engine/export/): formats and parity thresholds."""
     serve: Any = None
     """The HTTP server of the serve stage (engine/serve/): backend, address, key, adapter dirs."""
+    retrieval: Any = None
+    """The retrieval index and how its passages enter prompts (engine/retrieval/); kind none = off."""
+    sweep: Any = None
+    """What a multirun optimises and plots (engine/sweep/spec.py); read by the sweep job wrapper only."""
     evaluated_run: EvaluatedRun | None = None
 
 
@@ -66,6 +70,8 @@ class RunContext:
     """Every stage's metrics so far, nested by stage name (mirrors metrics.json)."""
     data: Any = None
     """The prepared ``DataBundle`` (set by prepare_data)."""
+    retrieval: Any = None
+    """The loaded index and each split with and without passages (set by build_index or prepare_data)."""
     _model: Any = None
     _tokenizer: Any = None
 

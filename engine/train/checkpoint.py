@@ -40,7 +40,7 @@ from typing import Any
 from engine.errors import ConfigError, UserError
 from engine.files import fsync_dir as _fsync_dir
 from engine.files import fsync_file as _fsync
-from engine.files import write_text_atomic
+from engine.files import portable_config, write_text_atomic
 
 FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
 SHARDED = "accelerate"
@@ -52,6 +52,7 @@ NOT_HASHED = [
     ("recipe",),
     ("stages",),
     ("eval",),
+    ("sweep",),
     ("train", "loggers"),
     ("train", "plot"),
     ("train", "log_every"),
@@ -65,9 +66,13 @@ NOT_HASHED = [
 # ---------------------------------------------------------------- config identity
 
 
-def hashed_config(raw: dict) -> dict:
-    """The resolved config minus the keys that do not change the math (see NOT_HASHED)."""
-    out = copy.deepcopy(raw)
+def hashed_config(raw: dict, *, portable: bool = True) -> dict:
+    """The resolved config minus the keys that do not change the math (see NOT_HASHED).
+
+    Portable (packaged sample files as ``${sample:NAME}``, as config.yaml holds them): the same
+    run hashes the same wherever engine is installed, and state.json holds no local path.
+    """
+    out = portable_config(raw) if portable else copy.deepcopy(raw)
     for path in NOT_HASHED:
         node = out
         for key in path[:-1]:
@@ -77,8 +82,8 @@ def hashed_config(raw: dict) -> dict:
     return out
 
 
-def config_hash(raw: dict) -> str:
-    text = json.dumps(hashed_config(raw), sort_keys=True, default=str)
+def config_hash(raw: dict, *, portable: bool = True) -> str:
+    text = json.dumps(hashed_config(raw, portable=portable), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -299,7 +304,9 @@ def prepare_run_dir(cfg, run_dir: Path, accelerator) -> Checkpoint | None:
     trains = "train" in cfg.stages
     mode = cfg.train.resume
     ckpt = resume_checkpoint(run_dir, is_main=accelerator.is_main_process) if trains and mode != "never" else None
-    changed = ckpt is not None and ckpt.state.get("config_hash") != config_hash(cfg.raw)
+    # A checkpoint written before config hashes were portable holds the hash of the local paths.
+    same = (config_hash(cfg.raw), config_hash(cfg.raw, portable=False))
+    changed = ckpt is not None and ckpt.state.get("config_hash") not in same
     if changed and mode == "force":
         refused = force_refusals(ckpt.state.get("config", {}), hashed_config(cfg.raw))
         if refused:
@@ -325,7 +332,8 @@ def prepare_run_dir(cfg, run_dir: Path, accelerator) -> Checkpoint | None:
             why = " (train.resume=force: config changed, the new values apply from here)" if changed else ""
             print(f"[engine] resuming from {ckpt.path} (step {ckpt.step}){why}", flush=True)
         cfg_path = run_dir / "config.yaml"
-        new = OmegaConf.to_yaml(OmegaConf.create(cfg.raw))
+        # Sample paths back as ${sample:NAME}: the record resolves wherever it is read (eval.run_dir).
+        new = OmegaConf.to_yaml(OmegaConf.create(portable_config(cfg.raw)))
         if cfg_path.exists() and cfg_path.read_text() != new:
             # Keep the record of what the earlier part of this run was trained with.
             cfg_path.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
