@@ -25,8 +25,9 @@ import pytest
 import yaml
 from conftest import ROOT, run_engine
 
-SERVING = {"serve_smollm2"}
-"""Recipes that run a server until stopped: tests/test_serve.py starts it, queries it and SIGTERMs it."""
+SERVING = {"serve_smollm2", "chat"}
+"""Recipes that run until stopped: tests/test_serve.py starts the server, queries it and SIGTERMs it;
+tests/test_chat.py pipes turns into the chat and stops it with EOF and with Ctrl-C."""
 RECIPES = sorted(p.stem for p in (ROOT / "engine" / "conf" / "recipe").glob("*.yaml") if p.stem not in SERVING)
 EVALUATED = "lora_smollm2"
 """The finished run that recipe eval_run evaluates again."""
@@ -175,12 +176,19 @@ def _export_gguf(run: Path, cfg: dict, metrics: dict) -> None:
         assert (run / "export" / name).is_file() and (run / "export" / name).stat().st_size == entry["bytes"], name
 
 
+def _adapter_matrix(run: Path, cfg: dict, metrics: dict) -> None:
+    rows = json.loads((run / "adapter_matrix.json").read_text())["rows"]
+    assert rows and rows[0]["row"] == "base" and set(metrics["adapter_matrix"]["rows"]) == {r["row"] for r in rows}
+    assert (run / "adapter_matrix.csv").is_file()
+
+
 def _check_export(run: Path, cfg: dict, metrics: dict) -> None:
     assert metrics["check_export"]["passed"] is True
     assert metrics["check_export"]["files"], "no file was checked"
 
 
 EXPECT = {
+    "adapter_matrix": _adapter_matrix,
     "merge": _merge,
     "export_gguf": _export_gguf,
     "check_export": _check_export,
@@ -207,7 +215,7 @@ def test_recipe_runs_end_to_end(recipe, runs):
         assert stage in metrics, f"stage {stage} recorded no metrics"
         EXPECT[stage](run.run_dir, cfg, metrics)
     if recipe == "eval_run":
-        assert metrics["evaluate"]["evaluated_run"] == str((run.run_dir.parent / EVALUATED).resolve())
+        assert metrics["evaluate"]["evaluated_run"] == EVALUATED  # outside the working dir: its name only
         assert "train" not in metrics
 
 

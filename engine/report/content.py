@@ -1,4 +1,4 @@
-"""What the report says, as blocks: what ran, data, training, evaluation, samples, export, artifacts.
+"""What the report says, as blocks: what ran, data, training, evaluation, samples, export, adapter matrix, artifacts.
 
 Reads only plain values: the run's config (its specs), the metrics recorded so far (nested
 by stage, as in metrics.json) and files in the run dir. Which metrics are better lower and
@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.files import shown_path
 from engine.report.blocks import Block
+from engine.report.retrieval import retrieval_blocks
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ def build(run_dir: Path, cfg: Any, metrics: dict, scales: Scales) -> list[Block]
         out += [Block("h2", "Data"), Block("p", _data_line(metrics["prepare_data"]))]
     if "train" in metrics:
         out += [Block("h2", "Training"), Block("p", _train_line(metrics["train"]))]
-    log = _train_log(run_dir, ev)
+    log = _train_log(run_dir, getattr(cfg, "evaluated_run", None))
     if log:
         from engine.report.plots import loss_curve
 
@@ -42,18 +44,21 @@ def build(run_dir: Path, cfg: Any, metrics: dict, scales: Scales) -> list[Block]
     if ev and "skipped" not in ev:
         out += _evaluation(cfg.eval, ev, scales)
         out += _samples(run_dir, cfg.eval.report_examples)
+    out += retrieval_blocks(metrics, cfg.eval.split, scales.lower_is_better)
     out += _export(run_dir)
+    out += _adapter_matrix(run_dir)
     plots = any(b.kind == "img" for b in out)  # written with the report, after this list is built
     out += [Block("h2", "Artifacts"), Block("table", header=["file", "what"], rows=_artifacts(run_dir, plots))]
     return out
 
 
 def _what_ran(run_dir: Path, cfg: Any, ev: dict) -> str:
+    # Paths as shown_path gives them: the report is mailed and attached, so no local place in it.
     model = getattr(cfg.model, "name_or_path", None) or getattr(cfg.model, "file", None) or cfg.model.kind
     parts = [
-        f"Run dir `{run_dir}`; stages: {', '.join(cfg.stages)}.",
-        f"Model: {cfg.model.kind} ({model}), quantization: {cfg.quantization.kind}, adapter: {cfg.adapter.kind}, "
-        f"loss: {cfg.loss.kind}; data: {cfg.data.kind} from `{cfg.data.path}`.",
+        f"Run dir `{shown_path(run_dir)}`; stages: {', '.join(cfg.stages)}.",
+        f"Model: {cfg.model.kind} ({shown_path(model, run_dir)}), quantization: {cfg.quantization.kind}, "
+        f"adapter: {cfg.adapter.kind}, loss: {cfg.loss.kind}; data: {cfg.data.kind} from `{shown_path(cfg.data.path, run_dir)}`.",
     ]
     if ev.get("evaluated_run"):
         parts.append(f"Evaluates the finished run `{ev['evaluated_run']}` (its config and trained weights).")
@@ -142,13 +147,16 @@ def _versus_run(run: str, split: str, names: list[str], tuned: dict, scales: Sca
     try:
         other_all = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        return [Block("p", f"eval.compare_run: could not read {path} ({e}); no comparison.")]
+        why = getattr(e, "strerror", None) or type(e).__name__  # str(e) would name the local path
+        return [Block("p", f"eval.compare_run: could not read {shown_path(path)} ({why}); no comparison.")]
     other = other_all.get("evaluate", {}).get(split, {})
     steps = other_all.get("train", {}).get("steps")
     table = _compare_table([k for k in names if k in other], tuned, other, scales, header=("comparison run", "this run"))
     return [
         Block("h2", "This run vs the comparison run"),
-        Block("p", f"Comparison run `{run}`{_run_summary(run)}; {steps} training steps; same {split} split and metrics."),
+        Block(
+            "p", f"Comparison run `{shown_path(run)}`{_run_summary(run)}; {steps} training steps; same {split} split and metrics."
+        ),
         table,
     ]
 
@@ -175,9 +183,10 @@ def _samples(run_dir: Path, n: int) -> list[Block]:
     return out
 
 
-def _train_log(run_dir: Path, ev: dict) -> list[tuple[int, float]]:
-    """(step, loss) from train_log.jsonl here, or in the evaluated run's dir."""
-    for d in [run_dir, Path(ev["evaluated_run"]) if ev.get("evaluated_run") else None]:
+def _train_log(run_dir: Path, evaluated) -> list[tuple[int, float]]:
+    """(step, loss) from train_log.jsonl here, or in the evaluated run's dir (``cfg.evaluated_run``;
+    metrics.json shows that run without its local place, so the path comes from the config)."""
+    for d in [run_dir, evaluated.path if evaluated is not None else None]:
         if d is not None and (d / "train_log.jsonl").exists():
             rows = [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines() if x.strip()]
             return [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -255,6 +264,47 @@ def _chat_text(chat) -> str:
     return "same ids" if chat.get("same_ids") else "DIFFERENT ids"
 
 
+LATENCY_COLUMNS = [("ttft_p50_s", "TTFT p50 (s)", 3), ("tokens_per_s_p50", "tokens/s p50", 1), ("seconds", "seconds", 1)]
+
+
+def _adapter_matrix(run_dir: Path) -> list[Block]:
+    """One row per adapter set of adapter_matrix.json: text metrics, suite pass rates, latency.
+
+    Read from the file the adapter_matrix stage writes (as the export table reads the manifest),
+    so the report shows it whichever stage ran before.
+    """
+    try:
+        data = json.loads((run_dir / "adapter_matrix.json").read_text())
+        rows = data["rows"]
+    except (OSError, ValueError, KeyError):
+        return []
+    metrics = [m for m in data.get("metrics", []) if any(m in r for r in rows)]
+    suites = list(dict.fromkeys(k for r in rows for k in r.get("suites", {})))
+    header = ["row", "adapters", *metrics, *(f"suite {s}" for s in suites), *(title for _, title, _ in LATENCY_COLUMNS)]
+    table = []
+    for r in rows:
+        scales = ", ".join(f"{n} x{s:g}" for n, s in r.get("adapters", {}).items()) or "none"
+        table.append(
+            [
+                f"{r['row']} ({r.get('kind')})",
+                scales,
+                *(_fmt(r.get(m)) for m in metrics),
+                *(_fmt(r.get("suites", {}).get(s)) for s in suites),
+                *("n/a" if r.get(k) is None else f"{r[k]:.{digits}f}" for k, _, digits in LATENCY_COLUMNS),
+            ]
+        )
+    suite_text = f" and {data.get('suite_prompts')} behaviour-suite prompts ({', '.join(data['suites'])})" if suites else ""
+    note = (
+        f"The same {data.get('held_out')} held-out prompts ({data.get('split')} split){suite_text} for every row, "
+        f"through the {data.get('backend')} backend of `{data.get('model')}`, {data.get('decoding', 'greedy')}, "
+        f"at most {data.get('max_tokens')} tokens per held-out answer. Text metrics are against the references; "
+        "suites are pass rates (overall: their mean). TTFT is the time to the first token (prompt included); "
+        "tokens/s the decode rate after it (median over the row's answers); seconds the row's total. "
+        "Every answer: adapter_matrix.jsonl."
+    )
+    return [Block("h2", "Adapter QA matrix"), Block("p", note), Block("table", header=header, rows=table)]
+
+
 ARTIFACTS = [
     ("config.yaml", "resolved config"),
     ("metrics.json", "all metrics, nested by stage"),
@@ -266,6 +316,11 @@ ARTIFACTS = [
     ("lm_eval_tasks", "the lm-eval task YAMLs that were run"),
     ("merged", "the adapter(s) folded into the base: a plain HF model dir (from_pretrained)"),
     ("export", "exported files (GGUF, ONNX) and manifest.json with their sizes and parity numbers"),
+    ("retrieval", "the FAISS index (index.faiss), its meta.json (passages, embedder, corpus hash), cached contexts"),
+    ("adapter_matrix.json", "the adapter QA matrix: per base / adapter / blend, quality and latency"),
+    ("adapter_matrix.csv", "the same matrix, one line per row"),
+    ("adapter_matrix.jsonl", "every matrix prompt with each row's answer"),
+    ("chat.jsonl", "the terminal chat's turns: messages, answer, adapter set, timing"),
     ("plots", "the report's plots as PNG"),
     ("rejected.jsonl", "rows that could not be used, with the reason"),
 ]

@@ -8,19 +8,66 @@ Kinds (the preset is the backend; ``serve=hf`` swaps the whole subtree):
 Layout: ``backend`` (the contract every backend implements), ``backends/`` (one module per
 kind), ``adapters`` (which adapter files may load: configured directories only), ``openai``
 (OpenAI's request bodies and error shape), ``app`` (the FastAPI routes, auth, queue, adapter
-switching), ``server`` (uvicorn on a bound socket, clean stop on SIGTERM). The serve stage
-(engine/stages/serve.py) builds a backend from the spec and runs the app under uvicorn.
+switching), ``server`` (uvicorn on a bound socket, clean stop on SIGTERM), ``chat`` (the terminal
+chat) and ``matrix`` (the adapter QA matrix). The serve stage (engine/stages/serve.py) builds a
+backend from the spec and runs the app under uvicorn; the chat and adapter_matrix stages drive
+the same backend directly, without HTTP.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from engine.registry import Registry, Spec
+from engine.registry import Registry, Spec, Strict
 
 SERVERS = Registry("serve")
+
+
+class ChatOptions(Strict):
+    """The terminal chat (recipe chat, engine/serve/chat.py): how it answers when it starts."""
+
+    system: str | None = None
+    """System message of every conversation (``/system TEXT`` changes it, ``/system`` clears it)."""
+    temperature: float = Field(0.7, ge=0, le=2)
+    """0: greedy (the same answer every time); higher: more varied answers."""
+    top_p: float = Field(0.95, gt=0, le=1)
+    """Sample from the smallest set of tokens holding this much probability."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Longest answer in tokens; null: serve.default_max_tokens."""
+    seed: int | None = None
+    """Sampling seed for reproducible answers at temperature > 0; null: a fresh one per answer."""
+    adapters: dict[str, float] = {}
+    """Active adapter set at start (name -> scale); empty: the run's adapter with eval.run_dir, else the base."""
+
+
+class MatrixOptions(Strict):
+    """The adapter QA matrix (stage adapter_matrix, engine/serve/matrix.py): what is compared.
+
+    Rows are the base, each loaded adapter alone (serve.adapters, the run of eval.run_dir) and
+    each blend here; prompts are the held-out split (eval.split, eval.max_examples) and the
+    behaviour suites (eval.suites), all greedy.
+    """
+
+    blends: dict[str, dict[str, float]] = {}
+    """Named blends: row label -> {adapter name: scale}, e.g. {half: {a: 0.5, b: 0.5}}."""
+    metrics: list[str] = ["token_f1", "rougeL"]
+    """Text metrics against the references, by name from engine/evaluate/metrics.py (no model-based ones)."""
+
+    @field_validator("metrics")
+    @classmethod
+    def _text_metrics(cls, v: list[str]) -> list[str]:
+        from engine.evaluate.metrics import METRICS, unknown
+
+        problem = unknown(v)
+        if problem:
+            raise ValueError(problem)
+        needs_model = [n for n in v if METRICS[n].family == "model"]
+        if needs_model:
+            valid = ", ".join(n for n, m in METRICS.items() if m.family != "model")
+            raise ValueError(f"{needs_model} need the model's logits or an embedder, not a served backend; valid: {valid}")
+        return v
 
 
 class ServeSpec(Spec):
@@ -48,6 +95,10 @@ class ServeSpec(Spec):
     """Larger request bodies get 413."""
     default_max_tokens: int = Field(256, ge=1)
     """Completion length when a request names none."""
+    chat: ChatOptions = ChatOptions()
+    """The terminal chat over this backend (recipe chat)."""
+    matrix: MatrixOptions = MatrixOptions()
+    """The adapter QA matrix over this backend (stage adapter_matrix)."""
 
 
 class LlamaCppSpec(ServeSpec):

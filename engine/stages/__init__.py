@@ -8,7 +8,10 @@ One file per stage key. Plugins register more with ``@STAGES.register("name")``.
 
 # Importing the modules registers the built-in stages.
 from engine.stages import (  # noqa: F401
+    adapter_matrix,
     archive_documents,
+    build_index,
+    chat,
     check_export,
     evaluate,
     export_gguf,

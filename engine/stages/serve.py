@@ -6,28 +6,40 @@ With ``eval.run_dir`` the finished run's trained weights are served: its adapter
 active for requests to the base model's id (hf: the PEFT adapter/, every level of a layered
 run with its scales; llamacpp: export/adapter-lora.gguf on the GGUF it was exported for,
 written here first if the run never exported one). The run dir is then an adapter directory
-too, so more of its files load through POST /lora-adapters.
+too, so more of its files load through POST /lora-adapters. ``open_backend`` is that construction
+alone: the chat and adapter_matrix stages build the same backend with it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.stages.registry import STAGES
 
 
-@STAGES.register("serve")
-def serve(ctx) -> dict:
-    """The model behind OpenAI's API (chat, completions, models, adapter hot-swap) until stopped."""
+@dataclass
+class Opened:
+    """The serve preset's backend, built from the run: what the serve, chat and adapter_matrix stages share."""
+
+    backend: Any
+    """An ``engine.serve.backend.Backend`` with every configured adapter loaded."""
+    active: list[tuple[str, float]]
+    """The set active at start: the run's adapter (its levels, with their scales) with eval.run_dir, else none."""
+    fence: Any
+    """``AdapterDirs``: serve.adapter_dirs plus the evaluated run's dir."""
+    loaded: list[str]
+    """Names of the adapters loaded at start, in load order."""
+
+
+def open_backend(ctx) -> Opened:
+    """Build the ``serve`` preset's backend with serve.adapters and the run of eval.run_dir loaded."""
     from engine.errors import ConfigError
     from engine.serve import SERVERS
     from engine.serve import backends as _  # noqa: F401  (registers the kinds)
     from engine.serve.adapters import AdapterDirs, AdapterPathError
-    from engine.serve.app import build_app
-    from engine.serve.backend import AdapterScale
-    from engine.serve.server import run
-    from engine.settings import settings
 
     cfg, spec = ctx.cfg, ctx.cfg.serve
     evaluated = cfg.evaluated_run
@@ -51,8 +63,22 @@ def serve(ctx) -> dict:
     if spec.kind == "hf":
         runtime["quant_spec"] = cfg.quantization
     backend = SERVERS.build(spec, **runtime, adapter_paths=adapters, run_info=info)
+    return Opened(backend, active, fence, list(adapters))
+
+
+@STAGES.register("serve")
+def serve(ctx) -> dict:
+    """The model behind OpenAI's API (chat, completions, models, adapter hot-swap) until stopped."""
+    from engine.serve.app import build_app
+    from engine.serve.backend import AdapterScale
+    from engine.serve.server import run
+    from engine.settings import settings
+
+    spec = ctx.cfg.serve
+    opened = open_backend(ctx)
+    backend, active = opened.backend, opened.active
     key = settings().engine_api_key.get_secret_value() if spec.api_key else None
-    app = build_app(backend, spec, api_key=key, adapter_dirs=fence)
+    app = build_app(backend, spec, api_key=key, adapter_dirs=opened.fence)
     server = app.state.server
     server.active = tuple(AdapterScale(name, scale) for name, scale in active)
     try:
@@ -67,7 +93,7 @@ def serve(ctx) -> dict:
         "url": url,
         "backend": spec.kind,
         "model": backend.model_id,
-        "adapters": list(adapters),
+        "adapters": opened.loaded,
         "active": dict(active),
         "stopped_by": stopped_by,
         "requests": server.served,
