@@ -456,7 +456,7 @@ def test_serve_recipe_serves_a_run_prints_its_url_and_stops_on_sigterm(tmp_path)
         for line in proc.stdout:
             if line.startswith("Serving on "):
                 url = line.split()[2]
-                assert line.strip().endswith("(OpenAI API at /v1)")
+                assert line.strip().endswith(f"(playground at {line.split()[2]}/, OpenAI API at {line.split()[2]}/v1)")
                 break
         assert url and not url.endswith(":0"), url
         from openai import OpenAI

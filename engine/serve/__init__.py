@@ -95,6 +95,9 @@ class ServeSpec(Spec):
     """Larger request bodies get 413."""
     default_max_tokens: int = Field(256, ge=1)
     """Completion length when a request names none."""
+    runs_dir: str | None = "outputs"
+    """Run dirs the page's runs view lists, read-only (relative to the working directory);
+    null hides the runs view."""
     chat: ChatOptions = ChatOptions()
     """The terminal chat over this backend (recipe chat)."""
     matrix: MatrixOptions = MatrixOptions()

@@ -1,7 +1,7 @@
 """serve: an OpenAI-compatible HTTP server over the run's model, until SIGTERM / Ctrl-C.
 
 Builds the ``serve`` preset's backend (engine/serve/backends/) and runs the app
-(engine/serve/app.py) under uvicorn, printing ``Serving on http://HOST:PORT (OpenAI API at /v1)``.
+(engine/serve/app.py) under uvicorn, printing ``Serving on http://HOST:PORT (playground at .../, OpenAI API at .../v1)``.
 With ``eval.run_dir`` the finished run's trained weights are served: its adapter is loaded and
 active for requests to the base model's id (hf: the PEFT adapter/, every level of a layered
 run with its scales; llamacpp: export/adapter-lora.gguf on the GGUF it was exported for,
@@ -78,13 +78,11 @@ def serve(ctx) -> dict:
     opened = open_backend(ctx)
     backend, active = opened.backend, opened.active
     key = settings().engine_api_key.get_secret_value() if spec.api_key else None
-    app = build_app(backend, spec, api_key=key, adapter_dirs=opened.fence)
+    app = build_app(backend, spec, api_key=key, adapter_dirs=opened.fence, outputs_dir=spec.runs_dir)
     server = app.state.server
     server.active = tuple(AdapterScale(name, scale) for name, scale in active)
     try:
-        url, stopped_by = run(
-            app, spec.host, spec.port, announce=lambda url: print(f"Serving on {url} (OpenAI API at /v1)", flush=True)
-        )
+        url, stopped_by = run(app, spec.host, spec.port, announce=_announce)
     finally:
         server.worker.shutdown(wait=True, cancel_futures=True)
         backend.close()
@@ -161,3 +159,7 @@ def _export_lora(ctx, trained) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     print("[engine] serve: writing the run's LoRA as a GGUF adapter (once) -> export/adapter-lora.gguf", flush=True)
     return write_lora_gguf(trained, config, out / "adapter-lora.gguf")
+
+
+def _announce(url: str) -> None:
+    print(f"Serving on {url} (playground at {url}/, OpenAI API at {url}/v1)", flush=True)
