@@ -217,7 +217,9 @@ def test_broken_csv_rejects_rows_with_reasons(tok, tmp_path):
     assert b.metrics["rejected_by_reason"] == {"wrong column count": 2, "empty field": 2, "duplicate": 1, "undecodable": 1}
     rejected = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
     assert [r["row"] for r in rejected] == [2, 3, 4, 5, 7, 8]
-    assert all(r["file"] == spec.path and r["detail"] and r["data"] is not None for r in rejected)
+    # The file as the run dir shows it: relative (to the working dir here), never a local absolute path.
+    assert all(r["file"].endswith("broken.csv") and not r["file"].startswith("/") for r in rejected)
+    assert all(r["detail"] and r["data"] is not None for r in rejected)
     answers = sorted(e.reference for e in b.splits["train"])
     assert "The dark, stable organic matter in soil." in answers
 

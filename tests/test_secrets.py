@@ -1,12 +1,18 @@
-"""Secrets come from the environment or ``.env`` (engine/settings.py) and never reach a run dir."""
+"""Secrets come from the environment or ``.env`` (engine/settings.py) and never reach a run dir;
+neither does a local path (engine.files.shown_path): a run dir is copied, attached and shared."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import site
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import QUICK_TRAIN, compose, run_engine
+import yaml
+from conftest import QUICK_TRAIN, ROOT, compose, run_engine
 
 from engine import settings as settings_mod
 from engine.errors import ConfigError
@@ -69,8 +75,30 @@ def _files_with(root: Path, secret: str) -> list[str]:
     return hits
 
 
+def _local_places(tmp_path: Path) -> list[str]:
+    """Where this machine keeps things: the test's dir (the run's working dir), home, the checkout,
+    the Python installation's package dirs. None of them may appear in a run dir."""
+    places = {str(tmp_path), os.path.realpath(tmp_path), str(ROOT), os.path.realpath(ROOT), "site-packages"}
+    places |= {p for p in [*site.getsitepackages(), site.getusersitepackages(), sys.prefix] if p}
+    home = str(Path.home())
+    if len(home) > 1:
+        places |= {home, os.path.realpath(home)}
+    return sorted(places)
+
+
+def _local_paths_in(run_dir: Path, places: list[str]) -> list[str]:
+    """``file: place`` for every file of the run dir (binaries, .hydra/, the log included) holding a local place."""
+    hits = []
+    for p in sorted(run_dir.rglob("*")):
+        data = p.read_bytes() if p.is_file() else b""
+        hits += [f"{p.relative_to(run_dir)}: {place}" for place in places if place.encode() in data]
+    return hits
+
+
 @pytest.mark.slow
-def test_secrets_from_env_and_dotenv_never_reach_the_run_dir(tmp_path):
+def test_secrets_and_local_paths_never_reach_the_run_dir(tmp_path):
+    """The default pipeline (data, train, evaluate with lm-eval and embeddings, report) from the
+    user's working dir: no secret and no local path in any file it leaves."""
     (tmp_path / ".env").write_text(f"WANDB_API_KEY={WANDB}\nENGINE_API_KEY={API}\n")
     os.environ["HF_TOKEN"] = HF
     try:
@@ -80,7 +108,7 @@ def test_secrets_from_env_and_dotenv_never_reach_the_run_dir(tmp_path):
             "train.loggers=[tensorboard]",
             "eval.max_examples=2",
             "eval.max_new_tokens=4",
-            "eval.metrics=[exact_match,token_f1]",
+            "stages=[prepare_data,preview_data,train,evaluate,report]",
             cwd=tmp_path,
         )
     finally:
@@ -91,3 +119,101 @@ def test_secrets_from_env_and_dotenv_never_reach_the_run_dir(tmp_path):
     for secret in (HF, WANDB, API):
         assert _files_with(run_dir, secret) == []
         assert secret not in proc.stdout + proc.stderr
+    assert _local_paths_in(run_dir, _local_places(tmp_path)) == []
+
+    # What stands in their place still says where things are.
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["adapter_dir"] == "adapter" and metrics["preview_data"]["file"] == "preview.txt"
+    assert (metrics["report"]["path"], metrics["report"]["html"]) == ("report.md", "report.html")
+    assert "lm_eval" in metrics["evaluate"] and (run_dir / "lm_eval_tasks" / "envsci_mc.jsonl").is_file()
+    shown = f"outputs/lora_smollm2/{run_dir.name}"  # the run dir, relative to the working dir
+    assert f"Run dir `{shown}`" in (run_dir / "report.md").read_text()
+    assert "from `sample:env_science_qa.jsonl`" in (run_dir / "report.md").read_text()
+    runtime = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]
+    assert runtime["cwd"] == "." and runtime["output_dir"] == "."
+    assert {s["path"] for s in runtime["config_sources"] if s["schema"] == "file"} == {"package:engine/conf"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_a_finished_run_evaluated_and_exported_holds_no_local_path(tmp_path):
+    """Train; then, from its run dir (eval.run_dir: config.yaml read back, ${sample:NAME} resolved),
+    evaluate, merge, export GGUF and ONNX, check and report: both run dirs are free of local paths."""
+    proc = run_engine(
+        *QUICK_TRAIN, "train.max_steps=1", "data.limit=16", "stages=[prepare_data,train]", "hydra.run.dir=trained", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_engine(
+        *QUICK_TRAIN,
+        "eval.run_dir=trained",
+        "eval.max_examples=2",
+        "eval.max_new_tokens=4",
+        "eval.metrics=[exact_match]",
+        "eval.lm_eval.tasks=[]",
+        "export.formats=[f32]",
+        "export.check.prompts=2",
+        "export.check.new_tokens=4",
+        "stages=[evaluate,merge,export_gguf,export_onnx,check_export,report]",
+        "hydra.run.dir=exported",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    places = _local_places(tmp_path)
+    for run_dir in (tmp_path / "trained", tmp_path / "exported"):
+        assert _local_paths_in(run_dir, places) == []
+    metrics = json.loads((tmp_path / "exported" / "metrics.json").read_text())
+    assert metrics["evaluate"]["evaluated_run"] == "trained"
+    assert metrics["merge"]["from"] == "adapter" and metrics["merge"]["run"] == "trained"
+    assert metrics["merge"]["dir"] == "merged" and metrics["export_gguf"]["dir"] == metrics["export_onnx"]["dir"] == "export"
+    assert metrics["check_export"]["passed"]
+    assert "finished run `trained`" in (tmp_path / "exported" / "report.md").read_text()
+
+
+def test_shown_path_names_what_a_path_is_without_the_local_place(tmp_path, monkeypatch):
+    from engine.files import SAMPLES_DIR, portable_config, shown_path, shown_text
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "outputs" / "r"
+    (run_dir / "export").mkdir(parents=True)
+    assert shown_path(run_dir / "export" / "model.gguf", run_dir) == "export/model.gguf"
+    assert shown_path(run_dir) == "outputs/r"  # under the working dir: relative to it
+    assert shown_path(SAMPLES_DIR / "env_science_qa.jsonl", run_dir) == "sample:env_science_qa.jsonl"
+    assert shown_path(SAMPLES_DIR.parent / "conf" / "config.yaml") == "package:engine/conf/config.yaml"
+    yaml_module = Path(yaml.__file__)
+    if "site-packages" in yaml_module.parts:
+        assert shown_path(yaml_module) == "package:yaml/__init__.py"
+    assert shown_path(Path.home() / "models" / "base") == "base"  # elsewhere: just the name
+    assert shown_path("data/train.jsonl") == "data/train.jsonl"  # relative: as typed
+    line = f"writing {run_dir}/export/model.gguf: 20 tensors; GET /v1/models from http://127.0.0.1/v1"
+    assert shown_text(line, run_dir) == "writing export/model.gguf: 20 tensors; GET /v1/models from http://127.0.0.1/v1"
+    raw = {"data": {"path": str(SAMPLES_DIR / "env_science_qa.jsonl"), "other": str(tmp_path)}, "stages": ["train"]}
+    assert portable_config(raw) == {
+        "data": {"path": "${sample:env_science_qa.jsonl}", "other": str(tmp_path)},
+        "stages": ["train"],
+    }
+
+
+@pytest.mark.parametrize("typed", ["local", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+def test_a_saved_adapter_names_its_base_as_the_config_does(tmp_path, monkeypatch, typed):
+    """PEFT records the dir the base was loaded from (a local dir, or the hub cache's snapshot):
+    adapter_config.json and README.md get the config's name for it instead."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.train.loop import _base_named
+
+    monkeypatch.chdir(tmp_path)
+    base_dir = tmp_path / "models" / "base"
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    LlamaForCausalLM(config).save_pretrained(base_dir)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    spec = SimpleNamespace(name_or_path=str(base_dir) if typed == "local" else typed)
+    with _base_named(model, spec):
+        model.save_pretrained(tmp_path / "adapter")
+    expected = "models/base" if typed == "local" else typed  # a local dir as shown_path shows it; a hub id as typed
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == expected
+    assert f"base_model: {expected}" in (tmp_path / "adapter" / "README.md").read_text()
+    assert _local_paths_in(tmp_path / "adapter", _local_places(tmp_path)) == []
+    assert model.peft_config["default"].base_model_name_or_path == str(base_dir)  # the loaded model is unchanged

@@ -20,6 +20,7 @@ from engine.data.shapes import SHAPES, TEXT_ROLE, RowError
 from engine.data.sources import BadRow, DataError, read_rows
 from engine.data.spec import DataSpec, DocumentsSpec
 from engine.data.templates import render, render_with_spans, template_source
+from engine.files import shown_path
 
 __all__ = ["SHAPES", "DataBundle", "DataError", "DataSpec", "Example", "prepare"]
 
@@ -114,8 +115,8 @@ def prepare(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | None = None
 
     if run_dir is not None and rejects.rows:
         with open(run_dir / "rejected.jsonl", "w") as f:
-            for r in rejects.rows:
-                f.write(json.dumps(r, default=str, ensure_ascii=False) + "\n")
+            for r in rejects.rows:  # the file as shown_path names it: no local path in the run dir
+                f.write(json.dumps({**r, "file": shown_path(r["file"], run_dir)}, default=str, ensure_ascii=False) + "\n")
     if not out["train"]:
         raise _no_usable(spec.path, rows_read, rejects)
 

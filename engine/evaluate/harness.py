@@ -5,15 +5,18 @@ the same module with the adapter disabled); handing it to ``HFLM(pretrained=mode
 scores exactly what was trained, with no save/merge/reload round trip.
 
 Shipped tasks live next to this file (``lm_eval_tasks/``). Their ``data_files`` are
-relative to the YAML; lm-eval would resolve them against the working directory, so the
-YAML is copied into the run dir with absolute paths and that copy is what lm-eval reads
-(also a record of exactly which task definition produced the numbers).
+relative to the YAML. The run dir gets a copy of each YAML with its data files, as shipped:
+the record of exactly which task definition produced the numbers, holding no local path.
+lm-eval resolves ``data_files`` against the working directory, so what it reads is a scratch
+copy of those YAMLs with the paths made absolute, in a temporary dir removed afterwards.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -28,15 +31,30 @@ def shipped_tasks() -> list[str]:
 
 
 def materialise_tasks(dest: Path) -> Path:
-    """Copy the shipped task YAMLs into ``dest`` with their data files made absolute."""
+    """Copy the shipped tasks into ``dest``, YAMLs and data files as shipped (data_files relative)."""
     dest.mkdir(parents=True, exist_ok=True)
     for src in SHIPPED.glob("*.yaml"):
+        shutil.copyfile(src, dest / src.name)
+        for name in _data_files(yaml.safe_load(src.read_text())).values():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src.parent / name, dest / name)
+    return dest
+
+
+def readable_tasks(record: Path, dest: Path) -> Path:
+    """The task YAMLs of ``record`` in ``dest`` with their data_files absolute, as lm-eval needs."""
+    for src in record.glob("*.yaml"):
         cfg = yaml.safe_load(src.read_text())
-        files = (cfg.get("dataset_kwargs") or {}).get("data_files")
-        if isinstance(files, dict):
-            cfg["dataset_kwargs"]["data_files"] = {k: str((src.parent / v).resolve()) for k, v in files.items()}
+        files = _data_files(cfg)
+        if files:
+            cfg["dataset_kwargs"]["data_files"] = {k: str((record / v).resolve()) for k, v in files.items()}
         (dest / src.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
     return dest
+
+
+def _data_files(cfg: dict) -> dict[str, str]:
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    return files if isinstance(files, dict) else {}
 
 
 def run(model, tokenizer, spec, *, work_dir: Path, batch_size: int) -> dict:
@@ -45,18 +63,25 @@ def run(model, tokenizer, spec, *, work_dir: Path, batch_size: int) -> dict:
     Args:
         model: a ``PreTrainedModel`` or PEFT model (its adapter state is what gets scored).
         spec: ``eval.lm_eval`` (tasks, limit, num_fewshot, include_path).
-        work_dir: where the resolved task YAMLs are written.
+        work_dir: where the shipped task definitions are recorded (``lm_eval_tasks/`` of the run dir).
     """
     try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
+        import lm_eval.tasks  # noqa: F401  (before any work: say what to install)
     except ImportError:
         raise UserError("eval.lm_eval.tasks: needs lm-eval; install it with `pip install lm-eval==0.4.13`") from None
 
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    include = [str(materialise_tasks(work_dir))]
+    record = materialise_tasks(work_dir)
+    with tempfile.TemporaryDirectory(prefix="engine-lm-eval-") as scratch:
+        return _evaluate(model, tokenizer, spec, [str(readable_tasks(record, Path(scratch)))], batch_size)
+
+
+def _evaluate(model, tokenizer, spec, include: list[str], batch_size: int) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     if spec.include_path:
         include.append(str(Path(spec.include_path).expanduser().resolve()))
     # Indexing lm-eval's own ~10k task YAMLs takes tens of seconds: only when asked for one.

@@ -25,7 +25,7 @@ __all__ = ["Scales", "write_report"]
 
 
 def write_report(run_dir: Path, cfg: Any, metrics: dict, scales: Scales) -> dict:
-    """Write report.md, report.html and plots/*.png into ``run_dir``; returns their paths.
+    """Write report.md, report.html and plots/*.png into ``run_dir``; returns their names in it.
 
     Args:
         run_dir: the run's directory (generations.jsonl and train_log.jsonl are read from it).
@@ -41,4 +41,4 @@ def write_report(run_dir: Path, cfg: Any, metrics: dict, scales: Scales) -> dict
             (run_dir / "plots" / b.name).write_bytes(b.png)
     (run_dir / "report.md").write_text(to_markdown(title, blocks))
     (run_dir / "report.html").write_text(to_html(title, blocks))
-    return {"path": str(run_dir / "report.md"), "html": str(run_dir / "report.html")}
+    return {"path": "report.md", "html": "report.html"}

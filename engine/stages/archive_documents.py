@@ -12,9 +12,10 @@ from engine.stages.registry import STAGES
 def archive_documents(ctx) -> dict:
     """Move the used documents (documents.json: usable) from data.path to data.archive_dir."""
     from engine.data.documents import archive
+    from engine.files import shown_path
 
     spec = ctx.cfg.data  # validation (engine/checks.py) made sure: documents, archive_dir set, after training
     used = [d.file for d in ctx.data.documents if d.usable]
     moved = archive(spec, used) if ctx.is_main else []
     ctx.accelerator.wait_for_everyone()
-    return {"archived": len(moved), "archive_dir": spec.archive_dir}
+    return {"archived": len(moved), "archive_dir": shown_path(spec.archive_dir, ctx.run_dir)}

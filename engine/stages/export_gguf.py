@@ -28,6 +28,7 @@ def export_gguf(ctx) -> dict:
     """Merged model -> GGUF in each export.formats; the LoRA alone -> a GGUF adapter for llama.cpp."""
     from engine.export.gguf import export_formats, write_lora_gguf
     from engine.export.manifest import read_manifest, write_manifest
+    from engine.files import shown_path
 
     cfg, spec = ctx.cfg, ctx.cfg.export
     merged = ensure_merged(ctx)
@@ -52,7 +53,7 @@ def export_gguf(ctx) -> dict:
         onnx = {n: e for n, e in earlier.items() if e["kind"] == "onnx"}  # export_onnx may have run first
         write_manifest(out, onnx | files)
     ctx.accelerator.wait_for_everyone()
-    return {"dir": str(out), "files": files}
+    return {"dir": shown_path(out, ctx.run_dir), "files": files}
 
 
 def _template(merged: Path) -> str:

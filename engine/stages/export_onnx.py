@@ -17,6 +17,7 @@ def export_onnx(ctx) -> dict:
     """Merged model -> export/model.onnx (inputs ids, mask, positions, past key/values; outputs logits, present)."""
     from engine.export.manifest import read_manifest, write_manifest
     from engine.export.onnx import write_onnx
+    from engine.files import shown_path
 
     merged = ensure_merged(ctx)
     out = ctx.run_dir / "export"
@@ -29,4 +30,4 @@ def export_onnx(ctx) -> dict:
         files[written[0].name] = entry
         write_manifest(out, read_manifest(out) | files)  # next to whatever export_gguf listed
     ctx.accelerator.wait_for_everyone()
-    return {"dir": str(out), "files": files}
+    return {"dir": shown_path(out, ctx.run_dir), "files": files}

@@ -25,6 +25,7 @@ def trained_of(ctx):
 def merge(ctx) -> dict:
     """Adapter(s) folded into the (de-quantized) base: run_dir/merged, loadable with from_pretrained."""
     from engine.export.merge import dir_bytes, load_trained, merge_to_dir, training_template
+    from engine.files import shown_path
 
     cfg = ctx.cfg
     trained = trained_of(ctx)
@@ -33,8 +34,20 @@ def merge(ctx) -> dict:
         model, tokenizer = load_trained(cfg.model, cfg.quantization, trained, progress=True)
         merge_to_dir(model, tokenizer, out, chat_template=training_template(cfg.data, tokenizer))
     ctx.accelerator.wait_for_everyone()
+    # Paths as shown_path records them: "from" is relative to the run that trained the weights,
+    # and "run" (with eval.run_dir) names that run.
     source = trained.adapter_dir or trained.model_dir
-    return {"dir": str(out), "bytes": dir_bytes(out), "from": str(source), "levels": trained.levels, "scales": trained.scales}
+    evaluated = cfg.evaluated_run
+    where = {"run": shown_path(evaluated.path)} if evaluated else {}
+    trained_in = evaluated.path if evaluated else ctx.run_dir
+    return {
+        "dir": shown_path(out, ctx.run_dir),
+        "bytes": dir_bytes(out),
+        "from": shown_path(source, trained_in),
+        **where,
+        "levels": trained.levels,
+        "scales": trained.scales,
+    }
 
 
 def ensure_merged(ctx) -> Path:

@@ -15,4 +15,4 @@ def preview_data(ctx) -> dict:
     if ctx.is_main:
         print(text, flush=True)
         (ctx.run_dir / "preview.txt").write_text(text)
-    return {"examples": len(examples), "file": str(ctx.run_dir / "preview.txt")}
+    return {"examples": len(examples), "file": "preview.txt"}

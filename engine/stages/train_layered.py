@@ -22,6 +22,7 @@ from engine.stages.registry import STAGES
 def train_layered(ctx) -> dict:
     """Train adapter.levels LoRA levels one after another; save each as adapter/level_K."""
     from engine.adapter import add_level, level_name, set_scales
+    from engine.files import shown_path
     from engine.train.checkpoint import supersede
     from engine.train.loop import TrainJob
     from engine.train.loop import train as run
@@ -45,6 +46,7 @@ def train_layered(ctx) -> dict:
             level_dir.mkdir(parents=True, exist_ok=True)
         metrics = run(TrainJob(level_cfg, level_dir, ctx.accelerator, model, ctx.tokenizer(), ctx.data))
         metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        metrics["adapter_dir"] = shown_path(level_dir / "adapter", run_dir)  # the loop's is relative to level_dir
         out[level_name(level)] = metrics
 
     # The last level's save holds every level (PEFT writes one sub-dir per named adapter).
@@ -70,7 +72,7 @@ def train_layered(ctx) -> dict:
             "tokens_per_s": last.get("tokens_per_s"),
             "precision": last.get("precision"),
             "device": last.get("device"),
-            "adapter_dir": str(final),
+            "adapter_dir": shown_path(final, run_dir),
         },
     )
     return {"levels": out, "eval_scales": dict(zip(names, scales, strict=True))}

@@ -27,7 +27,7 @@ import re
 import signal
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -37,6 +37,7 @@ import torch
 
 from engine.data.collate import Batches
 from engine.errors import ConfigError, UserError
+from engine.files import portable_config, shown_path
 from engine.loss import LOSSES, forward_loss
 from engine.speed.apply import speedups
 from engine.train import checkpoint as ckpt_io
@@ -296,7 +297,8 @@ def _outputs(run: _Run):
     if job.is_main:
         ckpt_io.truncate_log(log_path, run.state.step)
         run.log = open(log_path, "a")
-        run.sinks = Loggers(tcfg.loggers, job.run_dir, start_step=run.state.step, config=job.cfg.raw)
+        # The config as config.yaml holds it (sample files as ${sample:NAME}): logger records are shared too.
+        run.sinks = Loggers(tcfg.loggers, job.run_dir, start_step=run.state.step, config=portable_config(job.cfg.raw))
     run.stop = _StopOnSignal()
     run.progress = _progress(run.steps, run.state.step, disable=not job.is_main)
     run.t_start = time.perf_counter()
@@ -713,7 +715,7 @@ def finish(run: _Run) -> dict:
         "precision": acc.mixed_precision,
         "device": str(acc.device),
         "processes": acc.num_processes,
-        "adapter_dir": str(adapter_dir) if adapter_dir else None,
+        "adapter_dir": shown_path(adapter_dir, job.run_dir) if adapter_dir else None,
     }
 
 
@@ -726,11 +728,46 @@ def save_adapter(job, model) -> Path | None:
     state_dict = acc.get_state_dict(model) if sharded else None  # collective: every rank calls it
     out = job.run_dir / ("adapter" if hasattr(inner, "peft_config") else "model")
     if acc.is_main_process:
-        inner.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if sharded else {}))
+        with _base_named(inner, job.cfg.model):
+            inner.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if sharded else {}))
         if out.name == "model":
             job.tokenizer.save_pretrained(out)
     acc.wait_for_everyone()
     return out
+
+
+@contextmanager
+def _base_named(model, model_spec):
+    """PEFT writes where the base was loaded from into adapter_config.json and README.md: the HF
+    cache snapshot of a hub model, our conversion cache for a packaged GGUF, always a local path.
+    While saving, the base is named as the config names it (hub id, ``package:<pkg>/<file>``,
+    a local dir as ``shown_path``) so the adapter dir can be shared; the loaded model is unchanged."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    loaded_from = getattr(base, "name_or_path", None)
+    if not loaded_from:  # built from a config (tiny): nothing local to hide
+        yield
+        return
+    name = _base_name(model_spec, str(loaded_from))
+    configs = [c for c in getattr(model, "peft_config", {}).values() if c.base_model_name_or_path is not None]
+    recorded = [c.base_model_name_or_path for c in configs]
+    for c in configs:
+        c.base_model_name_or_path = name
+    base.name_or_path = base.config.name_or_path = name
+    try:
+        yield
+    finally:
+        for c, old in zip(configs, recorded, strict=True):
+            c.base_model_name_or_path = old
+        base.name_or_path = base.config.name_or_path = loaded_from
+
+
+def _base_name(model_spec, loaded_from: str) -> str:
+    typed = getattr(model_spec, "name_or_path", None)
+    if typed and not Path(typed).expanduser().exists():
+        return typed  # a hub id
+    if getattr(model_spec, "package", None) and getattr(model_spec, "file", None):
+        return f"package:{model_spec.package}/{model_spec.file}"
+    return shown_path(typed or loaded_from)
 
 
 def _read_losses(path: Path) -> list[float]:
