@@ -150,7 +150,8 @@ def _describe(schema: type[BaseModel], key: str, e: dict) -> str:
     if e["type"] == "extra_forbidden":
         leaf = key.rsplit(".", 1)[-1]
         valid = [f for f in schema.model_fields if f != "kind"]
-        return f"{key}: unknown key{_suggest(leaf, valid)}; valid keys here: {', '.join(valid) or 'none (this kind takes no settings)'}"
+        valid_text = ", ".join(valid) or "none (this kind takes no settings)"
+        return f"{key}: unknown key{_suggest(leaf, valid)}; valid keys here: {valid_text}"
     msg = e["msg"].replace("Input should be", "should be").replace("Value error, ", "")
     if e["type"] == "missing":
         return f"{key}: required, but not set"

@@ -187,8 +187,14 @@ def _check_export(run: Path, cfg: dict, metrics: dict) -> None:
     assert metrics["check_export"]["files"], "no file was checked"
 
 
+def _build_index(run: Path, cfg: dict, metrics: dict) -> None:
+    assert (run / "retrieval" / "index.faiss").is_file() and (run / "retrieval" / "meta.json").is_file()
+    assert metrics["build_index"]["passages"] > 0
+
+
 EXPECT = {
     "adapter_matrix": _adapter_matrix,
+    "build_index": _build_index,
     "merge": _merge,
     "export_gguf": _export_gguf,
     "check_export": _check_export,

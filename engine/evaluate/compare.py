@@ -8,6 +8,10 @@ model variant (base first when ``compare_base``, then fine-tuned):
   3. lm-eval tasks (``spec.lm_eval.tasks``)
 Fine-tuned numbers land at ``<split>.<metric>``, the base's at ``base.<split>.<metric>``; rank 0
 writes generations.jsonl (and suites.jsonl) into the run dir.
+
+With retrieval on (``rag_examples``), a second axis: each model variant also answers the same
+examples with the retrieved passages in the prompt, scored with the same metrics at
+``finetuned_rag.<split>`` and ``base_rag.<split>`` (suites and lm-eval run on the plain axis only).
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class EvalJob:
     """Quantization spec of that rebuilt base."""
     main: bool = True
     """Rank 0: prints, progress bars, and writes generations.jsonl / suites.jsonl."""
+    rag_examples: list | None = None
+    """The same examples with retrieved passages in their prompts (engine/retrieval/), or None: retrieval off."""
 
 
 @dataclass(frozen=True)
@@ -71,31 +77,41 @@ def evaluate(job: EvalJob) -> dict:
     if not examples:
         return {"skipped": f"no examples in split '{spec.split}'"}
     eos_ids, stops = stop_config(job.template, tok, spec.stop)
-    inputs = _Inputs(
-        examples=examples,
-        texts=[render(job.template, e.prompt_messages, add_generation_prompt=True, tokenizer=tok) for e in examples],
-        refs=[e.reference for e in examples],
-        suites=[suite_lib.load(name) for name in spec.suites],
-        generate={
-            "batch_size": spec.batch_size,
-            "eos_ids": eos_ids,
-            "stops": stops,
-            "device": job.device,
-            "autocast": job.autocast,
-            "progress": job.main,
-        },
-    )
+
+    def prepared(chosen: list, suites: list) -> _Inputs:
+        return _Inputs(
+            examples=chosen,
+            texts=[render(job.template, e.prompt_messages, add_generation_prompt=True, tokenizer=tok) for e in chosen],
+            refs=[e.reference for e in chosen],
+            suites=suites,
+            generate={
+                "batch_size": spec.batch_size,
+                "eos_ids": eos_ids,
+                "stops": stops,
+                "device": job.device,
+                "autocast": job.autocast,
+                "progress": job.main,
+            },
+        )
+
+    inputs = prepared(examples, [suite_lib.load(name) for name in spec.suites])
+    axes = [("", inputs)]
+    if job.rag_examples:
+        axes.append(("_rag", prepared(job.rag_examples[: spec.max_examples], [])))
 
     results, generations, suite_rows = {}, {}, []
     for variant, enter in variants(job):
         with enter() as model:
-            results[variant], generations[variant], rows = _evaluate_variant(job, inputs, model, variant)
-        suite_rows += [{"model": variant, **r} for r in rows]
-        if job.main:
-            print(f"[engine] evaluate {variant}: " + _brief(results[variant].get(spec.split, {})), flush=True)
+            for suffix, axis in axes:
+                name = variant + suffix
+                results[name], generations[name], rows = _evaluate_variant(job, axis, model, name, extras=not suffix)
+                suite_rows += [{"model": name, **r} for r in rows]
+                if job.main:
+                    print(f"[engine] evaluate {name}: " + _brief(results[name].get(spec.split, {})), flush=True)
 
     if job.main:
-        write_generations(job.run_dir / "generations.jsonl", inputs.texts, inputs.refs, generations)
+        more = {"prompt_rag": axes[1][1].texts} if len(axes) > 1 else None
+        write_generations(job.run_dir / "generations.jsonl", inputs.texts, inputs.refs, generations, more)
         if suite_rows:
             with open(job.run_dir / "suites.jsonl", "w") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in suite_rows)
@@ -106,8 +122,10 @@ def evaluate(job: EvalJob) -> dict:
     return out
 
 
-def _evaluate_variant(job: EvalJob, inputs: _Inputs, model, variant: str) -> tuple[dict, list[str], list[dict]]:
-    """All configured evaluations of one model variant: metrics, its answers, suite rows."""
+def _evaluate_variant(
+    job: EvalJob, inputs: _Inputs, model, variant: str, extras: bool = True
+) -> tuple[dict, list[str], list[dict]]:
+    """All configured evaluations of one model variant: metrics, its answers, suite rows (lm-eval only with ``extras``)."""
     spec = job.spec
     preds = generate(
         model, job.tokenizer, inputs.texts, max_new_tokens=spec.max_new_tokens, desc=f"generate ({variant})", **inputs.generate
@@ -133,7 +151,7 @@ def _evaluate_variant(job: EvalJob, inputs: _Inputs, model, variant: str) -> tup
     rows: list[dict] = []
     if inputs.suites:
         result["suites"], rows = _run_suites(job, inputs, model, variant)
-    if spec.lm_eval.tasks:
+    if spec.lm_eval.tasks and extras:
         from engine.evaluate import harness
 
         work_dir = job.run_dir / "lm_eval_tasks"
@@ -223,11 +241,13 @@ def _rebuilt_base(job: EvalJob):
         gc.collect()
 
 
-def write_generations(path: Path, prompts: list[str], refs: list[str], generations: dict[str, list[str]]) -> None:
-    """One row per example: prompt, reference, each variant's answer and its ROUGE-L."""
+def write_generations(
+    path: Path, prompts: list[str], refs: list[str], generations: dict[str, list[str]], more: dict[str, list] | None = None
+) -> None:
+    """One row per example: prompt, reference, each variant's answer and its ROUGE-L (``more``: extra columns)."""
     with open(path, "w") as f:
         for i, (p, r) in enumerate(zip(prompts, refs, strict=True)):
-            row = {"prompt": p, "reference": r}
+            row = {"prompt": p, "reference": r, **{k: v[i] for k, v in (more or {}).items()}}
             for variant, preds in generations.items():
                 row[variant] = preds[i]
                 row[f"{variant}_rougeL"] = round(M.rouge_l(preds[i], r), 4)

@@ -17,14 +17,18 @@ def evaluate(ctx) -> dict:
     """Base vs fine-tuned: generation metrics, behaviour suites, lm-eval."""
     from engine.evaluate.compare import EvalJob
     from engine.evaluate.compare import evaluate as run
+    from engine.files import shown_path
 
     ensure_data(ctx)
     cfg, acc, evaluated = ctx.cfg, ctx.accelerator, ctx.cfg.evaluated_run
+    rag = ctx.retrieval  # retrieval on: the split without passages, and with them for the '_rag' variants
+    splits = rag.plain if rag is not None and rag.plain else ctx.data.splits
     job = EvalJob(
         model=acc.unwrap_model(ctx.model()),
         tokenizer=ctx.tokenizer(),
         spec=cfg.eval,
-        examples=ctx.data.splits[cfg.eval.split],
+        examples=splits[cfg.eval.split],
+        rag_examples=rag.rag.get(cfg.eval.split) if rag is not None and rag.rag else None,
         template=ctx.data.template,
         run_dir=ctx.run_dir,
         device=acc.device,
@@ -34,5 +38,5 @@ def evaluate(ctx) -> dict:
         quantization=cfg.quantization,
         main=ctx.is_main,
     )
-    where = {"evaluated_run": str(evaluated.path)} if evaluated else {}
+    where = {"evaluated_run": shown_path(evaluated.path)} if evaluated else {}
     return {**where, **run(job)}

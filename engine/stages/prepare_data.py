@@ -16,6 +16,10 @@ def prepare_data(ctx) -> dict:
 
     tokenizer = ctx.tokenizer()
     ctx.data = prepare(ctx.cfg.data, tokenizer, seed=ctx.cfg.seed, run_dir=ctx.run_dir if ctx.is_main else None)
+    if ctx.cfg.retrieval is not None and ctx.cfg.retrieval.kind != "none":
+        from engine.stages.rag import with_retrieval
+
+        ctx.data.metrics.update(with_retrieval(ctx))  # top-k passages into the prompts (engine/retrieval/)
     batches = Batches(
         ctx.data.splits["train"],
         micro_batch_size=ctx.cfg.train.micro_batch_size,
