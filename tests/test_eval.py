@@ -166,7 +166,11 @@ def test_local_lm_eval_task_runs_on_tiny(tiny, tmp_path):
     assert 0.0 <= res["envsci_mc"]["acc"] <= 1.0 and 0.0 <= res["envsci_mc"]["acc_norm"] <= 1.0
     assert res["envsci_mc"]["examples"] == 4
     written = (tmp_path / "tasks" / "envsci_mc.yaml").read_text()
-    assert str(harness.SHIPPED / "envsci_mc.jsonl") in written  # data file made absolute
+    # The run dir keeps the task as shipped: its data file copied beside it, referenced
+    # relatively (lm-eval read an absolute-path copy in a scratch dir, since deleted).
+    assert (tmp_path / "tasks" / "envsci_mc.jsonl").is_file()
+    assert str(tmp_path) not in written and str(harness.SHIPPED) not in written
+    assert "envsci_mc.jsonl" in written
 
 
 def test_unknown_lm_eval_task_says_what_exists(tiny, tmp_path):
