@@ -64,6 +64,9 @@ def command(arm: str, port: int, gguf: Path, threads: int, n_ctx: int, run_dir: 
     return [
         sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--host", "127.0.0.1",
         "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx),
+        # Its default (True) ends a running stream when the next request arrives: with 8 clients
+        # most answers would be cut after a token or two. Queue them, as engine's server does.
+        "--interrupt_requests", "False",
     ]  # fmt: skip
 
 
