@@ -20,30 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose
+from conftest import ROOT, compose, save_adapter
 
 from engine.errors import ConfigError
 
 MESSAGES = [{"role": "user", "content": "Why do rivers meander?"}]
-TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
-
-
 # --- fixtures: files, a running server ------------------------------------------------------
-
-
-def save_adapter(dest: Path, seed: int) -> Path:
-    """A random LoRA (A and B both non-zero, alpha/r = 8) on the tiny model, saved as PEFT saves it."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from engine.model import TinySpec, build_tiny
-
-    model, _ = build_tiny(TinySpec(kind="tiny"))
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False))
-    peft.save_pretrained(dest)
-    return dest
 
 
 def make_files(root: Path) -> Path:
