@@ -50,6 +50,16 @@ SAMPLES_DIR = ENGINE_DIR / "samples"
 """The data files shipped with engine, named ``${sample:NAME}`` in configs."""
 
 
+def read_json_record(path: Path) -> dict:
+    """A JSON object written by a run (metrics.json, sweep_job.json), or {} when it is missing,
+    half-written or not an object: listings of run dirs must not fail on one odd run."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def shown_path(path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> str:
     """A path as a run dir records it, holding nothing of where this machine keeps things.
 

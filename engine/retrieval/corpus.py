@@ -50,16 +50,21 @@ def load_corpus(corpus: str, *, examples: list | None = None, tokenizer=None, ch
     return passages
 
 
-def _jsonl(path: Path) -> list[Passage]:
-    out, seen, problems = [], {}, []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+def jsonl_rows(path: Path, problems: list[str]):
+    """(line number, parsed row) per non-blank line; a line that is not JSON goes to ``problems``,
+    so a caller reports every bad line of a file at once."""
+    for n, line in enumerate(Path(path).expanduser().read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             problems.append(f"line {n}: not JSON ({e.msg})")
-            continue
+
+
+def _jsonl(path: Path) -> list[Passage]:
+    out, seen, problems = [], {}, []
+    for n, row in jsonl_rows(path, problems):
         text = row.get("text") if isinstance(row, dict) else None
         if not isinstance(text, str) or not text.strip():
             problems.append(f"line {n}: needs a non-empty 'text'")

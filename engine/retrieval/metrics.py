@@ -7,11 +7,11 @@ are all unknown to the index is an error in the labels, reported by ``read_queri
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.retrieval.corpus import jsonl_rows
 
 
 def recall_at(ranked: list[str], relevant: set[str], k: int) -> float:
@@ -46,14 +46,7 @@ def score(rankings: list[list[str]], relevant: list[set[str]], ks: list[int]) ->
 def read_queries(path: str | Path, known_ids: set[str]) -> list[tuple[str, set[str]]]:
     """(query, relevant ids) per line of a .jsonl of {query, relevant: [ids]}; bad lines are one UserError."""
     out, problems = [], []
-    for n, line in enumerate(Path(path).expanduser().read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"line {n}: not JSON ({e.msg})")
-            continue
+    for n, row in jsonl_rows(Path(path), problems):
         q, rel = row.get("query") if isinstance(row, dict) else None, row.get("relevant") if isinstance(row, dict) else None
         if not isinstance(q, str) or not q.strip() or not isinstance(rel, list) or not rel:
             problems.append(f"line {n}: needs 'query' (text) and 'relevant' (a non-empty list of passage ids)")

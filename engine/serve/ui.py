@@ -25,7 +25,6 @@ outputs dir and numbers, never a local path; errors are OpenAI-shaped like the r
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -37,6 +36,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, RedirectResponse
 
+from engine.files import read_json_record
 from engine.serve.openai import ApiError
 
 STATIC = Path(__file__).parent / "static"
@@ -276,16 +276,8 @@ def _time(rel: str, folder: Path) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(folder.stat().st_mtime))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _run(rel: str, folder: Path, sweep: str | None) -> Run:
-    metrics = _read_json(folder / "metrics.json")
+    metrics = read_json_record(folder / "metrics.json")
     recipe, planned = None, []
     try:
         config = (folder / "config.yaml").read_text()
@@ -300,7 +292,7 @@ def _run(rel: str, folder: Path, sweep: str | None) -> Run:
         status = "finished" if all(s in metrics for s in planned) else "incomplete"
     else:
         status = "unknown"
-    job = _read_json(folder / "sweep_job.json")  # a sweep's job record says more (failed, running)
+    job = read_json_record(folder / "sweep_job.json")  # a sweep's job record says more (failed, running)
     if isinstance(job.get("status"), str) and re.fullmatch(r"[a-z_]{1,20}", job["status"]):
         status = job["status"]
     return Run(

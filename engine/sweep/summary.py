@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from engine.files import write_json_atomic, write_text_atomic
+from engine.files import read_json_record, write_json_atomic, write_text_atomic
 from engine.lock import LOCK_NAME
 from engine.sweep.job import RECORD, lookup, read_record
 
@@ -194,7 +194,7 @@ def _eval_keys(rows: list[Row]) -> list[str]:
 def _row(d: Path, name: str) -> Row:
     overrides = _read_yaml(d / ".hydra" / "overrides.yaml")
     overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
-    metrics = _read_json(d / "metrics.json")
+    metrics = read_json_record(d / "metrics.json")
     record = read_record(d) or {}
     status, error = status_of(d, record, metrics)
     return Row(name, d, status, error, _params(overrides), overrides, metrics, record)
@@ -306,14 +306,6 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _finite(v: Any) -> bool:
