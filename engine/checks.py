@@ -228,6 +228,7 @@ def evaluated_run(cfg, validate):
     raw.setdefault("export", cfg.raw.get("export"))  # runs from before the export group
     raw.setdefault("serve", cfg.raw.get("serve"))  # runs from before the serve group
     raw.setdefault("retrieval", {"kind": "none"})  # runs from before the retrieval group: they retrieved nothing
+    raw.setdefault("reward", {"kind": "none"})  # runs from before the reward group
     try:
         old = validate(raw)
     except UserError as e:

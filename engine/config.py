@@ -18,6 +18,7 @@ from engine.context import RunConfig
 from engine.errors import ConfigError
 from engine.evaluate.spec import EvalSpec
 from engine.registry import Registry, Strict, did_you_mean
+from engine.rl.spec import GrpoSpec
 from engine.sweep.spec import SweepSpec
 from engine.train.spec import TrainSpec
 
@@ -63,6 +64,7 @@ def registries() -> dict[str, Registry]:
     from engine.quantization import QUANTIZATIONS
     from engine.retrieval import RETRIEVAL
     from engine.retrieval import index as _index  # noqa: F401  (registers the index kinds)
+    from engine.reward import REWARDS
     from engine.serve import SERVERS
     from engine.serve import backends as _  # noqa: F401  (registers the serve kinds)
 
@@ -75,10 +77,11 @@ def registries() -> dict[str, Registry]:
         "export": EXPORTS,
         "serve": SERVERS,
         "retrieval": RETRIEVAL,
+        "reward": REWARDS,
     }
 
 
-FIXED = {"train": TrainSpec, "eval": EvalSpec, "sweep": SweepSpec}
+FIXED = {"train": TrainSpec, "eval": EvalSpec, "sweep": SweepSpec, "grpo": GrpoSpec}
 
 
 def validate(raw: dict[str, Any]) -> RunConfig:

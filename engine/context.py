@@ -53,6 +53,10 @@ class RunConfig:
     """The retrieval index and how its passages enter prompts (engine/retrieval/); kind none = off."""
     sweep: Any = None
     """What a multirun optimises and plots (engine/sweep/spec.py); read by the sweep job wrapper only."""
+    reward: Any = None
+    """What a generated answer is worth (engine/reward/): train_grpo and the Gymnasium environment read it."""
+    grpo: Any = None
+    """How train_grpo samples and updates (engine/rl/spec.py); the optimizer and length are train's."""
     evaluated_run: EvaluatedRun | None = None
 
 

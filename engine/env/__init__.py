@@ -1,0 +1,1 @@
+"""engine.env: the configured rewards as a Gymnasium environment (filled in by engine/env/text.py)."""
