@@ -176,7 +176,10 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=200)
     ap.add_argument("--ef-search", default="16,32,128", help="hnsw ef_search values measured besides the preset's")
     ap.add_argument(
-        "--threads", type=int, default=1, help="FAISS OpenMP threads (1: no spin-waiting threads on a shared, loaded machine)"
+        "--threads",
+        type=int,
+        default=1,
+        help="FAISS OpenMP threads and numpy BLAS threads (1: no spin-waiting threads on a shared, loaded machine)",
     )
     ap.add_argument("--embed", type=int, default=0, help="also embed this many ~100-token passages with minilm")
     args = ap.parse_args()
@@ -189,9 +192,17 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": [round(v, 2) for v in load]},
         "sizes": {},
     }
-    for n in [int(s) for s in args.sizes.split(",")]:
-        out["sizes"][n] = bench_size(n, args)
-        print(table(n, out["sizes"][n]) + "\n", flush=True)
+    from threadpoolctl import threadpool_limits
+
+    # numpy's BLAS gets the same number of threads as FAISS: the comparison is per thread.
+    with threadpool_limits(args.threads):
+        for n in [int(s) for s in args.sizes.split(",")]:
+            out["sizes"][n] = bench_size(n, args)
+            print(table(n, out["sizes"][n]) + "\n", flush=True)
+    from engine.retrieval.index import _FLAT_PATH
+
+    out["machine"]["flat_batch_path"] = _FLAT_PATH.get("path")
+    print(f"flat batch path picked: {_FLAT_PATH.get('path')}", flush=True)
     if args.embed:
         out["embed"] = embed_passages(args.embed)
         print(json.dumps(out["embed"]), flush=True)
