@@ -61,6 +61,8 @@ def cross_checks(specs: dict[str, Any], top: Any, problems: list[str]) -> None:
     _check_serve(specs, stages, problems)
     _check_sweep(specs, stages, problems)
     _check_retrieval(specs, stages, problems)
+    _check_preference(specs, stages, problems)
+    _check_grpo(specs, stages, problems)
 
     if adapter is not None and top is not None:
         layered = adapter.kind == "layered"
@@ -195,6 +197,90 @@ def _check_retrieval(specs: dict[str, Any], stages: list[str], problems: list[st
         problems.append(
             f"retrieval.k: {retrieval.k} passages would go into each prompt, but data kind '{data.kind}' has no prompt "
             "(every token is trained on); use retrieval.k=0 (build and score the index only) or retrieval=none"
+        )
+
+
+def _check_grpo(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
+    """train_grpo needs a reward, prompts to answer from an existing split, a reference when beta > 0,
+    and the run dir's checkpoints/ and adapter/ to itself."""
+    if "train_grpo" not in stages:
+        return
+    from pathlib import Path
+
+    reward, grpo, adapter, data = specs.get("reward"), specs.get("grpo"), specs.get("adapter"), specs.get("data")
+    if reward is not None and reward.kind == "none":
+        presets = sorted(p.stem for p in (Path(__file__).parent / "conf" / "reward").glob("*.yaml") if p.stem != "none")
+        problems.append(
+            "reward: train_grpo scores sampled answers with a reward, but reward is none; choose a preset, "
+            f"e.g. reward=format_numeric (presets: {', '.join(presets)})"
+        )
+    if grpo is not None and adapter is not None and grpo.beta > 0 and adapter.kind == "none":
+        problems.append(
+            f"grpo.beta: {grpo.beta:g} keeps the policy near the reference, which is the base with the adapter switched "
+            "off; adapter=none trains every weight, so there is no reference without a second model copy. Use "
+            "adapter=lora, or grpo.beta=0 (no KL term)"
+        )
+    if data is not None and data.kind in ("text", "documents"):
+        problems.append(
+            f"data: train_grpo samples answers to prompts, but data kind '{data.kind}' has no prompt (every token is "
+            "text); use a data kind with prompts and answers, e.g. data=env_numeric (qa) or data=env_science_chat (chat)"
+        )
+    elif data is not None and grpo is not None and hasattr(data, "split"):
+        separate = {"validation": data.validation_path, "test": data.test_path}.get(grpo.split)
+        if not separate and getattr(data.split, grpo.split, 0) == 0:
+            problems.append(
+                f"grpo.split: '{grpo.split}' gets no examples (data.split.{grpo.split} is 0 and no separate file "
+                f"gives it); use grpo.split=train, or give data.split.{grpo.split} a share"
+            )
+    if "train" in stages or "train_layered" in stages:
+        other = "train" if "train" in stages else "train_layered"
+        problems.append(
+            f"stages: {other} and train_grpo both write checkpoints/ and adapter/ in the run dir; run one training "
+            "stage per run (GRPO starts from the model preset, e.g. an instruction-tuned model)"
+        )
+
+
+PREFERENCE_METRICS = ("pref_accuracy", "pref_margin")
+
+
+def _check_preference(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
+    """Preference losses need preference pairs and pairs need them; dpo needs an adapter to switch off; no packing."""
+    from engine.loss import PREFERENCE_KINDS
+
+    loss, data, adapter, ev = specs.get("loss"), specs.get("data"), specs.get("adapter"), specs.get("eval")
+    pairs = data is not None and data.kind == "preference"
+    if loss is not None and data is not None:
+        if loss.kind in PREFERENCE_KINDS and not pairs:
+            problems.append(
+                f"loss: {loss.kind} learns from pairs of answers, but data kind is '{data.kind}'; use preference data "
+                "(data=env_science_preference, or data.kind=preference with prompt/chosen/rejected columns), or loss=ce"
+            )
+        if pairs and loss.kind not in PREFERENCE_KINDS:
+            problems.append(
+                f"loss: {loss.kind} trains on one answer per example, but data kind preference holds pairs; "
+                f"use a preference loss ({', '.join(f'loss={k}' for k in PREFERENCE_KINDS)})"
+            )
+    if loss is not None and loss.kind == "dpo" and adapter is not None and adapter.kind == "none":
+        problems.append(
+            "loss: dpo compares against the base model, which it gets by switching the adapter off (no second copy in "
+            "memory); with adapter=none there is nothing to switch off: use adapter=lora, or loss=orpo / loss=simpo "
+            "(no reference model)"
+        )
+    if pairs and getattr(data, "packing", False):
+        problems.append(
+            "data.packing: preference pairs are compared row against row (chosen vs rejected), so they are not packed; "
+            "set data.packing=false"
+        )
+    if pairs and getattr(data, "train_on_prompt", False):
+        problems.append(
+            "data.train_on_prompt: preference losses compare the two answers only (the prompt is the same in both); "
+            "set data.train_on_prompt=false"
+        )
+    asked = [m for m in PREFERENCE_METRICS if ev is not None and m in ev.metrics]
+    if asked and "evaluate" in stages and data is not None and not pairs:
+        problems.append(
+            f"eval.metrics: {', '.join(asked)} compare the chosen and the rejected answer of held-out pairs, but data "
+            f"kind '{data.kind}' has no pairs; drop them from eval.metrics or use preference data"
         )
 
 

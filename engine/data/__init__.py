@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.data.shapes import SHAPES, TEXT_ROLE, RowError
+from engine.data.shapes import SHAPES, TEXT_ROLE, Pair, RowError
 from engine.data.sources import BadRow, DataError, read_rows
 from engine.data.spec import DataSpec, DocumentsSpec
 from engine.data.templates import render, render_with_spans, template_source
@@ -33,6 +33,9 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     messages: list[dict]
+    rejected: Example | None = None
+    """Kind preference: the same prompt with the rejected answer (``messages`` is the chosen
+    conversation, so generation-based evaluation reads a preference example like any other)."""
 
     @property
     def prompt_messages(self) -> list[dict]:
@@ -106,12 +109,16 @@ def prepare(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | None = None
     for name in SPLITS:
         out[name] = []
         for path, i, msgs in splits.get(name, []):
-            ex, cut = tokenize(source, msgs, tokenizer, spec.max_length, spec.train_on_prompt)
+            if isinstance(msgs, Pair):
+                ex, cut = tokenize_pair(source, msgs, tokenizer, spec.max_length)
+            else:
+                ex, cut = tokenize(source, msgs, tokenizer, spec.max_length, spec.train_on_prompt)
             truncated += cut
-            if any(label != IGNORE for label in ex.labels):
+            if _has_answer(ex):
                 out[name].append(ex)
             else:
-                rejects.add(path, i, "no answer within max_length", f"prompt fills all {spec.max_length} tokens", msgs)
+                data = msgs.as_dict() if isinstance(msgs, Pair) else msgs
+                rejects.add(path, i, "no answer within max_length", f"prompt fills all {spec.max_length} tokens", data)
 
     if run_dir is not None and rejects.rows:
         with open(run_dir / "rejected.jsonl", "w") as f:
@@ -121,6 +128,8 @@ def prepare(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | None = None
         raise _no_usable(spec.path, rows_read, rejects)
 
     train_tokens = sum(len(e.input_ids) for e in out["train"])
+    if any(e.rejected is not None for e in out["train"]):  # a pair's rejected answer is trained on too
+        train_tokens += sum(len(e.rejected.input_ids) for e in out["train"])
     metrics = {
         "kind": spec.kind,
         "kind_detected": spec.detected,
@@ -132,8 +141,8 @@ def prepare(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | None = None
         "truncated": truncated,
         **{f"{k}_examples": len(v) for k, v in out.items()},
         "train_tokens": train_tokens,
-        "train_label_tokens": sum(sum(t != IGNORE for t in e.labels) for e in out["train"]),
-        "mean_train_length": round(train_tokens / len(out["train"]), 1),
+        "train_label_tokens": sum(_label_count(e) + _label_count(e.rejected) for e in out["train"]),
+        "mean_train_length": round(train_tokens / _sequences(out["train"]), 1),
     }
     if documents:
         metrics["documents"] = len(documents)
@@ -165,8 +174,21 @@ def _shape(spec: DataSpec, path: str, rows: list, rejects: _Rejects) -> list[tup
     return out
 
 
-def _key(msgs: list[dict]) -> str:
-    return json.dumps(msgs, sort_keys=True, ensure_ascii=False)
+def _key(msgs: list[dict] | Pair) -> str:
+    return json.dumps(msgs.as_dict() if isinstance(msgs, Pair) else msgs, sort_keys=True, ensure_ascii=False)
+
+
+def _has_answer(ex: Example) -> bool:
+    """Some label within max_length (for a pair: in both answers, or there is nothing to compare)."""
+    return _label_count(ex) > 0 and (ex.rejected is None or _label_count(ex.rejected) > 0)
+
+
+def _label_count(ex: Example | None) -> int:
+    return 0 if ex is None else sum(t != IGNORE for t in ex.labels)
+
+
+def _sequences(examples: list[Example]) -> int:
+    return sum(1 + (e.rejected is not None) for e in examples)
 
 
 def _ratios(spec: DataSpec, shaped: dict) -> dict[str, float]:
@@ -187,7 +209,8 @@ def _dedupe_across(splits: dict[str, list], rejects: _Rejects) -> None:
         for path, i, msgs in splits.get(name, []):
             key = _key(msgs)
             if key in seen:
-                rejects.add(path, i, "duplicate across splits", f"also in a held-out split; dropped from {name}", msgs)
+                data = msgs.as_dict() if isinstance(msgs, Pair) else msgs
+                rejects.add(path, i, "duplicate across splits", f"also in a held-out split; dropped from {name}", data)
                 continue
             seen.add(key)
             kept.append((path, i, msgs))
@@ -227,8 +250,8 @@ def split(items: list, ratios: dict[str, float], seed: int) -> dict[str, list]:
     }
 
 
-def tokenize(source: str, messages: list[dict], tokenizer, max_length: int, train_on_prompt: bool):
-    """Render + tokenize one conversation; label tokens inside assistant spans only.
+def tokenize(source: str, messages: list[dict], tokenizer, max_length: int, train_on_prompt: bool, last_turn_only: bool = False):
+    """Render + tokenize one conversation; label tokens inside assistant spans only (the last one: ``last_turn_only``).
 
     A plain-text example (kind text/documents) has no template: BOS (if the tokenizer has
     one) + text + EOS, every token labelled. Returns the example and 1 if it was truncated.
@@ -240,6 +263,7 @@ def tokenize(source: str, messages: list[dict], tokenizer, max_length: int, trai
         labels = list(ids)
     else:
         text, spans = render_with_spans(source, messages, tokenizer)
+        spans = spans[-1:] if last_turn_only else spans
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         if train_on_prompt:
@@ -250,3 +274,18 @@ def tokenize(source: str, messages: list[dict], tokenizer, max_length: int, trai
             ]
     cut = len(ids) > max_length
     return Example(ids[:max_length], labels[:max_length], messages), int(cut)
+
+
+def tokenize_pair(source: str, pair: Pair, tokenizer, max_length: int):
+    """Both answers of a preference pair, each after the same rendered prompt; labels on the final answer only.
+
+    Why only the final answer: earlier assistant turns of a multi-turn prompt are the same
+    text in both conversations; they are context here, not what the pair prefers.
+    Returns the chosen example (its ``rejected`` set) and 1 if either side was truncated.
+    """
+    sides = []
+    for messages in (pair.chosen_messages, pair.rejected_messages):
+        sides.append(tokenize(source, messages, tokenizer, max_length, train_on_prompt=False, last_turn_only=True))
+    (chosen, cut_c), (rejected, cut_r) = sides
+    chosen.rejected = rejected
+    return chosen, int(cut_c or cut_r)

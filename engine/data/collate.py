@@ -11,6 +11,12 @@ restart at 0 for every example, and the attention mask is a 4D additive block-di
 causal mask (B x 1 x T x T; 0 where allowed, dtype-min elsewhere): restarting position
 ids alone does not stop attention from crossing examples (measured, ENV-NOTES). The
 first token of each packed example is not a label: unpacked, no position predicts it.
+
+Preference pairs (an example whose ``rejected`` is set) are one unit of batching: a
+micro-batch of n pairs is 2n rows, the n chosen conversations then the n rejected ones in
+the same order, with ``pairs`` = n (``pair_collate``). The preference losses read that
+layout, and the training loop's OOM split cuts along pairs, never between a pair's rows.
+Packing is refused for pairs at validation (engine/checks.py).
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ def pad_collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
         mask[i, :k] = 1
     # real_tokens: non-pad tokens in the batch (throughput is reported in real tokens).
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_tokens": mask.sum()}
+
+
+def pair_collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference pairs: rows [chosen_1..n, rejected_1..n], right-padded together; ``pairs`` = n."""
+    batch = pad_collate([*examples, *(e.rejected for e in examples)], pad_id)
+    batch["pairs"] = len(examples)
+    return batch
 
 
 def packed_collate(
@@ -132,7 +145,7 @@ class Batches:
         self.rank, self.world = rank, world
         self.packing, self.group_by_length = packing, group_by_length
         self.mask_dtype, self.segments = mask_dtype, segments
-        lengths = [len(e.input_ids) for e in examples]
+        lengths = [_length(e) for e in examples]
         if packing:
             capacity = max_length or max(lengths, default=1)
             self.rows = pack(lengths, max(capacity, max(lengths, default=1)))
@@ -174,7 +187,10 @@ class Batches:
         if self.packing:
             rows = [[self.examples[i] for i in self.rows[r]] for r in batch]
             return packed_collate(rows, self.pad_id, self.mask_dtype, self.segments)
-        return pad_collate([self.examples[self.rows[r][0]] for r in batch], self.pad_id)
+        examples = [self.examples[self.rows[r][0]] for r in batch]
+        if getattr(examples[0], "rejected", None) is not None:
+            return pair_collate(examples, self.pad_id)
+        return pad_collate(examples, self.pad_id)
 
     def stream(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Yield micro-batches forever, skipping the first ``start`` (resume position)."""
@@ -190,7 +206,20 @@ class Batches:
         """Real tokens / (real + pad) over one epoch of this process's batches."""
         real = total = 0
         for batch in self.epoch_batches(epoch):
-            lengths = [self.row_lengths[r] for r in batch]
+            if self.packing:
+                lengths = [self.row_lengths[r] for r in batch]
+            else:  # a pair is two padded rows
+                lengths = [n for r in batch for n in _sequence_lengths(self.examples[self.rows[r][0]])]
             real += sum(lengths)
             total += len(lengths) * max(lengths)
         return round(real / total, 4) if total else 0.0
+
+
+def _length(example) -> int:
+    """Tokens an example puts in a padded batch's widest row (a pair: its longer answer)."""
+    return max(_sequence_lengths(example))
+
+
+def _sequence_lengths(example) -> list[int]:
+    rejected = getattr(example, "rejected", None)
+    return [len(example.input_ids)] + ([len(rejected.input_ids)] if rejected is not None else [])

@@ -19,7 +19,7 @@ from typing import Any
 
 from engine.data.kinds import FIELDS, REQUIRED
 
-AUTO_ORDER = ("instruction", "qa", "chat", "sharegpt", "text")
+AUTO_ORDER = ("instruction", "qa", "chat", "sharegpt", "preference", "text")
 TURNS = {"chat": ("messages", ("role", "content")), "sharegpt": ("conversations", ("from", "value"))}
 """Conversation shape -> (its logical field, the keys of one turn)."""
 

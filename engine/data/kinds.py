@@ -11,6 +11,7 @@ FIELDS: dict[str, dict[str, str]] = {
     "chat": {"messages": "messages"},
     "sharegpt": {"conversations": "conversations"},
     "text": {"text": "text"},
+    "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system"},
     "documents": {},
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -19,8 +20,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),
     "sharegpt": ("conversations",),
     "text": ("text",),
+    "preference": ("chosen", "rejected"),
 }
-"""The logical fields every row of a shape must have (the others are optional)."""
+"""The logical fields every row of a shape must have (the others are optional).
+
+A preference row's prompt is optional because chat-pair rows (HH-RLHF, UltraFeedback) carry it
+inside ``chosen`` and ``rejected`` as their shared leading turns."""
 AUTO = "auto"
 """``kind: auto``: the shape is read from the file's columns at validation (``engine.data.detect``)."""
 FIELDS[AUTO] = {name: name for kind in REQUIRED for name in FIELDS[kind]}

@@ -11,8 +11,10 @@ Other column names are a mapping, not a shape: ``kind: qa`` with
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
+from dataclasses import dataclass
 
 from engine.data.spec import AUTO, DataSpec, DocumentsSpec, TextSpec
 from engine.registry import Registry
@@ -90,8 +92,6 @@ def qa(spec: DataSpec, row: dict) -> list[dict]:
 def _conversation(spec: DataSpec, row: dict, column: str, role_key: str, text_key: str, roles: dict) -> list[dict]:
     turns = row.get(column)
     if isinstance(turns, str):  # a CSV cell holding JSON
-        import json
-
         try:
             turns = json.loads(turns)
         except json.JSONDecodeError:
@@ -147,3 +147,118 @@ def auto(spec: DataSpec, row: dict) -> list[dict]:
 def documents(spec: DocumentsSpec, row: dict) -> list[dict]:
     """Chunks of a folder of .txt/.md/.pdf documents (rows come from engine.data.documents)."""
     return [{"role": TEXT_ROLE, "content": field_text(row, "text")}]
+
+
+# ---------------------------------------------------------------- preference pairs
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A preference row: the prompt turns, then a chosen and a rejected answer to them.
+
+    Why one object and not two conversations: the pair is one example everywhere the data
+    pipeline looks (deduplication, the split, rejects), so a pair can never be cut in two.
+    """
+
+    prompt: list[dict]
+    """system/user turns (earlier assistant turns of a multi-turn prompt included)."""
+    chosen: str
+    rejected: str
+
+    @property
+    def chosen_messages(self) -> list[dict]:
+        return [*self.prompt, {"role": "assistant", "content": self.chosen}]
+
+    @property
+    def rejected_messages(self) -> list[dict]:
+        return [*self.prompt, {"role": "assistant", "content": self.rejected}]
+
+    def as_dict(self) -> dict:
+        return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+
+
+_ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+}
+_HH = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+@SHAPES.register("preference", DataSpec)
+def preference(spec: DataSpec, row: dict) -> Pair:
+    """Preference pairs: prompt/chosen/rejected strings, or chat pairs (message lists sharing their prompt turns).
+
+    Accepted per row: (a) ``prompt``, ``chosen``, ``rejected`` as strings; (b) ``chosen`` and
+    ``rejected`` as message lists (role/content or from/value turns, or a JSON string of one)
+    that repeat the prompt turns and end with the answer (UltraFeedback), or hold the answer
+    alone with the prompt in ``prompt`` (a string or a message list: TRL's conversational
+    layout); (c) HH-RLHF strings (``\\n\\nHuman: ... \\n\\nAssistant: ...``) with no prompt column.
+    """
+    chosen_prompt, chosen = _side(row, spec.column("chosen"))
+    rejected_prompt, rejected = _side(row, spec.column("rejected"))
+    if chosen_prompt != rejected_prompt:
+        raise RowError(
+            "prompts differ",
+            f"'{spec.column('chosen')}' and '{spec.column('rejected')}' do not share their prompt turns; "
+            "a pair compares two answers to the same prompt",
+        )
+    prompt = chosen_prompt or _prompt_column(row, spec.column("prompt"))
+    if prompt[-1]["role"] != "user":
+        raise RowError("no user turn before the answer", "the prompt turns must end with a user turn")
+    if chosen == rejected:
+        raise RowError("chosen equals rejected", "the chosen and the rejected answer are the same text")
+    msgs = _with_system(spec, row, prompt, spec.column("system"))
+    return Pair(msgs, chosen, rejected)
+
+
+def _side(row: dict, column: str) -> tuple[list[dict], str]:
+    """(prompt turns it repeats, or [] when it holds the answer alone; the answer) of ``chosen``/``rejected``."""
+    value = row.get(column)
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # plain text that starts with a bracket
+    if isinstance(value, str) and _HH.match(value.lstrip("\n")):
+        value = _hh_turns(value)
+    if not isinstance(value, list):
+        return [], field_text(row, column)
+    turns = _turns(value, column)
+    if turns[-1]["role"] != "assistant":
+        raise RowError("no assistant turn at the end", f"'{column}' does not end with an assistant turn")
+    return turns[:-1], turns[-1]["content"]
+
+
+def _prompt_column(row: dict, column: str) -> list[dict]:
+    value = row.get(column)
+    if isinstance(value, list):
+        return _turns(value, column)
+    return [{"role": "user", "content": field_text(row, column)}]
+
+
+def _turns(value: list, column: str) -> list[dict]:
+    if not value:
+        raise RowError("wrong type", f"field '{column}' is an empty list")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise RowError("wrong type", f"{column}[{i}] is {type(m).__name__}, expected an object")
+        role_key, text_key = ("from", "value") if "from" in m else ("role", "content")
+        role = _ROLES.get(m.get(role_key))
+        if role is None:
+            valid = ", ".join(_ROLES)
+            raise RowError("bad role", f"{column}[{i}].{role_key} is {m.get(role_key)!r}; valid: {valid}")
+        out.append({"role": role, "content": field_text(m, text_key, where=f"{column}[{i}].")})
+    if any(m["role"] == "system" for m in out[1:]):
+        raise RowError("bad role", "a system message may only come first")
+    return out
+
+
+def _hh_turns(text: str) -> list[dict]:
+    """Anthropic HH-RLHF's transcript strings as turns (the last Assistant turn is the answer)."""
+    parts = _HH.split(text.lstrip("\n"))
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[who], "content": said} for who, said in zip(parts[1::2], parts[2::2], strict=True)]

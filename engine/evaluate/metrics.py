@@ -320,6 +320,62 @@ def perplexity(run: ModelRun) -> tuple[float | None, dict]:
     return ppl, {}
 
 
+@metric("pref_accuracy", "model")
+def pref_accuracy(run: ModelRun) -> tuple[float | None, dict]:
+    """Share of held-out preference pairs whose chosen answer the model finds likelier than the rejected one."""
+    diffs = _preference_diffs(run)
+    return (sum(d > 0 for d in diffs) / len(diffs) if diffs else None), {}
+
+
+@metric("pref_margin", "model", unit=False)
+def pref_margin(run: ModelRun) -> tuple[float | None, dict]:
+    """Mean of log p(chosen) - log p(rejected) over held-out pairs (summed over each answer's tokens)."""
+    diffs = _preference_diffs(run)
+    return (sum(diffs) / len(diffs) if diffs else None), {}
+
+
+_PREF_CACHE: list = []
+"""(a weak reference to the ModelRun, its differences): pref_accuracy and pref_margin of one run
+share one pass, and the cache never keeps a model alive."""
+
+
+def _preference_diffs(run: ModelRun) -> list[float]:
+    """log p(chosen | prompt) - log p(rejected | prompt) per pair, teacher-forced, summed over the answer tokens.
+
+    Summed, not averaged: the sum is the probability of the whole answer, what a preference
+    says one answer should have more of (and what DPO's implicit reward is built from).
+    Examples that are not pairs are skipped (validation refuses these metrics without pairs).
+    """
+    if _PREF_CACHE and _PREF_CACHE[0]() is run:
+        return _PREF_CACHE[1]
+    import weakref
+    from contextlib import nullcontext
+
+    import torch
+
+    from engine.data.collate import pair_collate
+    from engine.loss import forward_loss
+    from engine.loss.preference import sequence_logps
+
+    def logps(hidden, labels, lm_head, batch):  # a "loss" that returns the per-row log-probs
+        return sequence_logps(hidden, labels, lm_head)[0], {}
+
+    pairs = [e for e in run.examples if getattr(e, "rejected", None) is not None]
+    diffs: list[float] = []
+    run.model.eval()
+    with torch.no_grad():
+        for start in range(0, len(pairs), run.batch_size):
+            chunk = pairs[start : start + run.batch_size]
+            batch = pair_collate(chunk, run.tokenizer.pad_token_id)
+            batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with run.autocast() if run.autocast else nullcontext():
+                values, _ = forward_loss(run.model, batch, logps)
+            n = len(chunk)
+            diffs += (values[:n] - values[n:]).tolist()
+    _PREF_CACHE[:] = [weakref.ref(run), diffs]
+    return diffs
+
+
 # --- scoring by name --------------------------------------------------------------------------
 
 

@@ -47,7 +47,43 @@ def build_ce(spec: CESpec, *, tokenizer=None):
 
 
 def forward_loss(model, batch: dict, loss_fn):
-    """One forward: hidden states from the model, loss only where labels are set."""
+    """One forward: hidden states from the model, loss only where labels are set.
+
+    A loss with ``needs_reference`` (dpo) also gets ``batch["reference_logps"]``: the same
+    rows through the model with its adapter switched off, without gradients (see
+    ``reference_logps``).
+    """
+    if getattr(loss_fn, "needs_reference", False) and "reference_logps" not in batch:
+        batch = {**batch, "reference_logps": reference_logps(model, batch, loss_fn)}
+    hidden, lm_head = _hidden(model, batch)
+    return loss_fn(hidden, batch["labels"], lm_head, batch)
+
+
+def reference_logps(model, batch: dict, loss_fn):
+    """Per-row summed log-probs of the labelled tokens under the reference model, no grad.
+
+    The reference is the base: the same module with its PEFT adapter disabled for the
+    duration of one forward, so no second copy of the weights is held. The unwrapped model
+    is used (a DDP wrapper would wait for gradients this pass never produces).
+    """
+    import torch
+
+    inner = _unwrap(model)
+    if not hasattr(inner, "disable_adapter"):
+        from engine.errors import ConfigError
+
+        raise ConfigError(
+            "loss: dpo compares against the base model with the adapter switched off, but this model has no "
+            "adapter; use adapter=lora (or another adapter), or a loss without a reference (orpo, simpo)"
+        )
+    with torch.no_grad(), inner.disable_adapter():
+        hidden, lm_head = _hidden(inner, batch)
+        logps, _ = loss_fn.sequence_logps(hidden, batch["labels"], lm_head)
+    return logps.detach()
+
+
+def _hidden(model, batch: dict):
+    """The decoder's last hidden states (no vocabulary projection: the loss does it) and the LM head."""
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -57,8 +93,10 @@ def forward_loss(model, batch: dict, loss_fn):
         logits_to_keep=1,
         use_cache=False,
     )
-    inner = model
-    while hasattr(inner, "module"):  # DDP / accelerate wrappers
-        inner = inner.module
-    lm_head = inner.get_output_embeddings()
-    return loss_fn(out.hidden_states[-1], batch["labels"], lm_head, batch)
+    return out.hidden_states[-1], _unwrap(model).get_output_embeddings()
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):  # DDP / accelerate wrappers
+        model = model.module
+    return model

@@ -457,7 +457,7 @@ def accumulate(model, micro: list[dict], loss_fn, acc, optimizer, splits: int = 
         try:
             return (*_accumulate(model, micro, loss_fn, acc, splits), splits)
         except torch.OutOfMemoryError:
-            rows = min(int(b["input_ids"].shape[0]) for b in micro)
+            rows = min(int(b.get("pairs") or b["input_ids"].shape[0]) for b in micro)
             if splits * 2 > rows:
                 raise
         optimizer.zero_grad(set_to_none=True)
@@ -495,15 +495,24 @@ def _accumulate(model, micro: list[dict], loss_fn, acc, splits: int):
 
 
 def _split(batch: dict, splits: int):
-    """Cut a micro-batch into ``splits`` row-slices; yields (piece, share of rows)."""
+    """Cut a micro-batch into ``splits`` row-slices; yields (piece, share of rows).
+
+    Preference batches (rows [chosen_1..n, rejected_1..n], ``pairs`` = n) are cut along
+    pairs: a piece holds chosen_lo..hi and rejected_lo..hi, so no pair is separated.
+    """
     if splits == 1:
         yield dict(batch), 1.0
         return
     rows = int(batch["input_ids"].shape[0])
+    pairs = batch.get("pairs")
+    units = pairs or rows
     real = batch.get("real_tokens")
-    bounds = [round(rows * j / splits) for j in range(splits + 1)]
+    bounds = [round(units * j / splits) for j in range(splits + 1)]
     for lo, hi in zip(bounds, bounds[1:], strict=False):
-        piece = {k: v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v for k, v in batch.items()}
+        take = torch.cat([torch.arange(lo, hi), torch.arange(pairs + lo, pairs + hi)]) if pairs else slice(lo, hi)
+        piece = {k: v[take] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v for k, v in batch.items()}
+        if pairs:
+            piece["pairs"] = hi - lo
         piece.pop("real_tokens", None)
         # real tokens of the slice (the first piece carries the count when no mask says it).
         mask = piece.get("attention_mask")
@@ -511,7 +520,7 @@ def _split(batch: dict, splits: int):
             piece["real_tokens"] = mask.sum()
         elif lo == 0 and real is not None:
             piece["real_tokens"] = real
-        yield piece, (hi - lo) / rows
+        yield piece, (hi - lo) / units
 
 
 def _reduce(acc, loss: float, parts: dict, tokens: int):
@@ -820,3 +829,9 @@ class _StopOnSignal:
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+# Public names for the GRPO loop (engine/rl/grpo.py): it keeps this loop's checkpoint and
+# signal contract, so it uses the same handler and the same checked weight restore.
+StopOnSignal = _StopOnSignal
+load_trainable = _load_trainable
