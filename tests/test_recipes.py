@@ -138,6 +138,12 @@ def _train_layered(run: Path, cfg: dict, metrics: dict) -> None:
         assert (run / "adapter" / name / "adapter_config.json").is_file(), name
 
 
+def _train_grpo(run: Path, cfg: dict, metrics: dict) -> None:
+    assert metrics["train_grpo"]["steps"] == 1 and metrics["train"]["steps"] == 1
+    assert "reward_mean" in json.loads((run / "train_log.jsonl").read_text().splitlines()[0])
+    assert (run / "adapter" / "adapter_config.json").is_file()
+
+
 def _evaluate(run: Path, cfg: dict, metrics: dict) -> None:
     from engine.evaluate.metrics import numeric_names
     from engine.evaluate.spec import EvalSpec
@@ -202,6 +208,7 @@ EXPECT = {
     "preview_data": _preview_data,
     "train": _train,
     "train_layered": _train_layered,
+    "train_grpo": _train_grpo,
     "evaluate": _evaluate,
     "report": _report,
 }

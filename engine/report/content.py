@@ -16,6 +16,7 @@ from typing import Any
 from engine.files import shown_path
 from engine.report.blocks import Block
 from engine.report.retrieval import retrieval_blocks
+from engine.report.rl import rl_blocks
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ def build(run_dir: Path, cfg: Any, metrics: dict, scales: Scales) -> list[Block]
         out += _evaluation(cfg.eval, ev, scales)
         out += _samples(run_dir, cfg.eval.report_examples)
     out += retrieval_blocks(metrics, cfg.eval.split, scales.lower_is_better)
+    out += rl_blocks(run_dir, metrics, getattr(getattr(cfg, "reward", None), "kind", None))
     out += _export(run_dir)
     out += _adapter_matrix(run_dir)
     plots = any(b.kind == "img" for b in out)  # written with the report, after this list is built
@@ -309,6 +311,7 @@ ARTIFACTS = [
     ("config.yaml", "resolved config"),
     ("metrics.json", "all metrics, nested by stage"),
     ("train_log.jsonl", "step, loss, lr, tokens/s"),
+    ("samples.jsonl", "GRPO: every sampled answer with its step, prompt, reward and reward parts"),
     ("adapter", "PEFT adapter (peft.PeftModel.from_pretrained)"),
     ("model", "full fine-tuned model (no adapter)"),
     ("generations.jsonl", "prompts, references, base and fine-tuned answers with ROUGE-L"),

@@ -1,4 +1,4 @@
-"""The report's two plots, as PNG bytes (matplotlib, headless Agg back end)."""
+"""The report's plots, as PNG bytes (matplotlib, headless Agg back end)."""
 
 from __future__ import annotations
 
@@ -54,4 +54,17 @@ def loss_curve(steps: list[int], losses: list[float]) -> bytes:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title("Training loss", fontsize=11)
+    return _png(plt, fig)
+
+
+def series_curve(steps: list[int], values: list[float], *, ylabel: str, title: str) -> bytes:
+    """One value per optimizer step (e.g. GRPO's mean reward of the sampled answers)."""
+    plt, fig, ax = _figure()
+    ax.plot(steps, values, color="#2b6cb0", linewidth=1.6, marker="o" if len(steps) < 30 else None, markersize=3)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
     return _png(plt, fig)

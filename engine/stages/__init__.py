@@ -22,6 +22,7 @@ from engine.stages import (  # noqa: F401
     report,
     serve,
     train,
+    train_grpo,
     train_layered,
 )
 from engine.stages.registry import STAGES

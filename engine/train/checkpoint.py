@@ -301,7 +301,7 @@ def prepare_run_dir(cfg, run_dir: Path, accelerator) -> Checkpoint | None:
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
-    trains = "train" in cfg.stages
+    trains = "train" in cfg.stages or "train_grpo" in cfg.stages  # the stages that write checkpoints/ here
     mode = cfg.train.resume
     ckpt = resume_checkpoint(run_dir, is_main=accelerator.is_main_process) if trains and mode != "never" else None
     # A checkpoint written before config hashes were portable holds the hash of the local paths.

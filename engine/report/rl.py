@@ -1,0 +1,83 @@
+"""The report's GRPO section: what the run sampled and scored, the reward per step, and the
+reward on held-out prompts before (base) and after (tuned).
+
+Reads plain values only: ``train_grpo`` and ``evaluate.reward`` as metrics.json nests them,
+and train_log.jsonl for the per-step curve.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.report.blocks import Block
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _change(base, tuned) -> str:
+    if not isinstance(base, int | float) or not isinstance(tuned, int | float):
+        return ""
+    delta = tuned - base
+    return f"{delta:+.4f}" + ("" if abs(delta) < 1e-9 else (" better" if delta > 0 else " worse"))
+
+
+def rl_blocks(run_dir: Path, metrics: dict, reward_kind: str | None = None) -> list[Block]:
+    """Blocks of the GRPO section; none when neither train_grpo ran nor evaluate scored a reward."""
+    g = metrics.get("train_grpo")
+    held_out = metrics.get("evaluate", {}).get("reward")
+    if not g and not held_out:
+        return []
+    out = [Block("h2", "GRPO: reward" if g else "Reward")]
+    if g:
+        per_step = (g.get("prompts") or 0) // max(1, g.get("steps") or 1)
+        out.append(
+            Block(
+                "p",
+                f"{g.get('steps')} steps of {per_step} prompt{'' if per_step == 1 else 's'} x {g.get('group_size')} sampled "
+                f"answers ({g.get('completions')} answers scored"
+                + (f" by a reward of kind {reward_kind}" if reward_kind else "")
+                + f"); mean reward of the first {g.get('reward_window')} steps {_fmt(g.get('reward_first'))}, "
+                f"of the last {g.get('reward_window')} {_fmt(g.get('reward_last'))}; final KL to the base "
+                f"{_fmt(g.get('final_kl'))}; {g.get('train_seconds')} s. Every scored answer is in samples.jsonl.",
+            )
+        )
+        curve = _reward_curve(run_dir)
+        if curve:
+            out.append(curve)
+    if held_out:
+        rows = [
+            [
+                "reward (total)",
+                _fmt(held_out.get("base")),
+                _fmt(held_out.get("finetuned")),
+                _change(held_out.get("base"), held_out.get("finetuned")),
+            ]
+        ]
+        for name, v in (held_out.get("parts") or {}).items():
+            rows.append([name, _fmt(v.get("base")), _fmt(v.get("finetuned")), _change(v.get("base"), v.get("finetuned"))])
+        out += [
+            Block(
+                "p", f"Reward on held-out prompts ({held_out.get('examples')} answers per model, greedy, the evaluate stage's):"
+            ),
+            Block("table", header=["reward", "base", "tuned", "change"], rows=rows),
+        ]
+    return out
+
+
+def _reward_curve(run_dir: Path) -> Block | None:
+    path = run_dir / "train_log.jsonl"
+    if not path.exists():
+        return None
+    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    points = [(r["step"], r["reward_mean"]) for r in recs if "reward_mean" in r]
+    if not points:
+        return None
+    from engine.report.plots import series_curve
+
+    png = series_curve(*zip(*points, strict=True), ylabel="mean reward of the sampled answers", title="GRPO reward")
+    return Block("img", "Mean reward of the sampled answers per step", png=png, name="reward.png")
