@@ -239,7 +239,15 @@ def test_chat_recipe_ends_cleanly_on_ctrl_c(tmp_path):
             if line.startswith("[chat] tiny"):
                 break
         proc.send_signal(signal.SIGINT)
+        # Read on with stdin still open: communicate() closes stdin at once, and a chat that reads
+        # that EOF before the signal is handled ends by "eof" (a race seen once in CI).
+        said = []
+        for line in proc.stdout:
+            said.append(line)
+            if "[chat] bye" in line:
+                break
         out, err = proc.communicate(timeout=60)
+        out = "".join(said) + out
     finally:
         if proc.poll() is None:
             proc.kill()
