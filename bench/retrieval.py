@@ -86,7 +86,7 @@ def kinds():
 def bench_size(n: int, args) -> dict:
     import faiss
 
-    from engine.retrieval.index import new_index, set_search_params
+    from engine.retrieval.index import flat_search, new_index, set_search_params
 
     x, _ = vectors(n, args.clusters, seed=n)
     q = vectors(n + args.queries, args.clusters, seed=n)[0][n:]  # same seed: the same centres, fresh points
@@ -111,11 +111,11 @@ def bench_size(n: int, args) -> dict:
             settings += [(f" ef_search={ef}", spec.model_copy(update={"ef_search": ef})) for ef in args.ef_search]
         for suffix, s in settings:
             set_search_params(index, s)
-            found = index.search(q, K)[1]
+            found = flat_search(index, q, K)[1]
             rows[kind + suffix] = {
                 "build_s": round(build, 2),
-                "batch1": latency(lambda b, i=index: i.search(b, K), q, 1),
-                "batch32": latency(lambda b, i=index: i.search(b, K), q, 32),
+                "batch1": latency(lambda b, i=index: flat_search(i, b, K), q, 1),
+                "batch32": latency(lambda b, i=index: flat_search(i, b, K), q, 32),
                 "recall@10": recall(found, exact),
                 "params": {
                     k: getattr(s, k) for k in ("m", "ef_construction", "ef_search", "nlist", "nbits", "nprobe") if hasattr(s, k)
@@ -199,10 +199,11 @@ def main() -> None:
         for n in [int(s) for s in args.sizes.split(",")]:
             out["sizes"][n] = bench_size(n, args)
             print(table(n, out["sizes"][n]) + "\n", flush=True)
-    from engine.retrieval.index import _FLAT_PATH
+    from engine.retrieval.index import _FLAT_ROUTE
 
-    out["machine"]["flat_batch_path"] = _FLAT_PATH.get("path")
-    print(f"flat batch path picked: {_FLAT_PATH.get('path')}", flush=True)
+    routes = {k: "loops" if v > 1_000_000 else "blas" for k, v in _FLAT_ROUTE.items()}
+    out["machine"]["flat_routes"] = routes
+    print(f"flat routes picked (single query, batch): {routes}", flush=True)
     if args.embed:
         out["embed"] = embed_passages(args.embed)
         print(json.dumps(out["embed"]), flush=True)

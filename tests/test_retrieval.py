@@ -151,6 +151,27 @@ def test_each_index_kind_builds_and_finds_a_passage_by_its_own_text(spec):
     assert all(row[0][1] >= row[-1][1] for row in hits), "best first"
 
 
+def test_flat_search_routes_give_the_same_hits_as_faiss_default(monkeypatch):
+    """Whichever FAISS route is timed faster, exact search returns the same neighbours."""
+    import faiss
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 16)).astype(np.float32)
+    q = rng.standard_normal((40, 16)).astype(np.float32)
+    index = faiss.IndexFlatIP(16)
+    index.add(x)
+    want = np.argsort(-(q @ x.T), axis=1)[:, :5]
+    monkeypatch.setattr(idx, "_FLAT_ROUTE", {})
+    routes = idx.pick_flat_routes(index, batch=32)
+    assert set(routes) == {"single", "batch"} and set(routes.values()) <= {"blas", "loops"}
+    for route in ({"single": idx.NO_BLAS, "batch": idx.NO_BLAS}, {"single": idx.BLAS_THRESHOLD, "batch": idx.BLAS_THRESHOLD}):
+        monkeypatch.setattr(idx, "_FLAT_ROUTE", route)
+        assert (idx.flat_search(index, q, 5)[1] == want).all()
+        assert (idx.flat_search(index, q[:1], 5)[1] == want[:1]).all()
+    faiss.cvar.distance_compute_blas_threshold = idx.BLAS_THRESHOLD
+
+
 def test_ivf_pq_on_too_small_a_corpus_is_refused_with_what_works(shipped):
     with pytest.raises(UserError, match=r"2\*\*nbits = 256 .* 123 passages .*retrieval=flat_ip"):
         idx.build(_spec(IvfPqSpec, embedder="tfidf"), Tfidf(), shipped, progress=False)

@@ -114,54 +114,65 @@ def set_search_params(index, spec: IndexSpec) -> None:
     if isinstance(spec, IvfPqSpec):
         faiss.extract_index_ivf(index).nprobe = spec.nprobe
     if isinstance(index, faiss.IndexFlat):
-        pick_flat_batch_path(index, batch=max(32, spec.batch_size))
+        pick_flat_routes(index, batch=max(32, spec.batch_size))
 
 
-_FLAT_PATH: dict[str, str] = {}
+_FLAT_ROUTE: dict[str, int] = {}
+"""Per process, once timed: FAISS's ``distance_compute_blas_threshold`` for one query and for a batch."""
 BLAS_THRESHOLD = 20
 """FAISS's own default for ``distance_compute_blas_threshold``."""
+NO_BLAS = 1 << 30
+"""A threshold no batch reaches: every search takes FAISS's non-BLAS route."""
 
 
-def pick_flat_batch_path(index, *, batch: int = 64) -> str:
-    """Route batched exact search to whichever of FAISS's two paths is faster on this machine.
+def pick_flat_routes(index, *, batch: int = 64) -> dict[str, str]:
+    """Time FAISS's two exact-search routes on this machine, for one query and for a batch.
 
-    Why: a flat index answers a batch of at least ``distance_compute_blas_threshold`` queries
-    (default 20) through BLAS (the OpenBLAS bundled in the faiss-cpu wheel), smaller ones through
-    FAISS's own SIMD loops. Which is faster depends on the CPU and that BLAS build: on the AMD EPYC
-    here (faiss-cpu 1.15.1, 1 thread) 32 queries over 100k x 384 took 686 ms through BLAS and 114 ms
-    through the SIMD loop, so the default made FAISS slower than numpy's own matmul (181 ms). The two
-    paths are timed once per process on (a sample of) this index with ``batch`` queries and the
-    threshold is set so that batches up to that size take the faster one. Returns "blas" or "simd".
-    The setting is process-wide in FAISS, so it is chosen once and reused.
+    Why: FAISS chooses between its BLAS route (the OpenBLAS bundled in the faiss-cpu wheel) and its
+    own loops by one process-wide setting, ``distance_compute_blas_threshold``, and which is faster
+    depends on the CPU, the wheel and the batch size. Measured on the AMD EPYC here (faiss-cpu
+    1.15.1, 1 thread, 100k x 384, quiet): one query 30 ms with FAISS's default setting and 11.6 ms
+    with BLAS switched off (numpy's own search: 14.9 ms); 32 queries 55-66 ms with the default and
+    355 ms with BLAS off (numpy: 77 ms). So both settings are timed once per process on a sample of
+    this index, for one query and for ``batch`` queries, and ``flat_search`` applies the faster one to
+    each call. Returns the route picked for each: {"single": "blas"|"loops", "batch": ...}.
     """
     import time
 
     import faiss
 
-    if "path" in _FLAT_PATH:
-        return _FLAT_PATH["path"]
-    n = min(index.ntotal, 20_000)
-    if n < batch:
-        return "blas"
-    x = index.reconstruct_n(0, n)
-    probe = faiss.IndexFlat(index.d, index.metric_type)
-    probe.add(x)
-    queries = x[:batch]
+    if not _FLAT_ROUTE:
+        n = min(index.ntotal, 20_000)
+        if n < batch:
+            _FLAT_ROUTE.update(single=BLAS_THRESHOLD, batch=BLAS_THRESHOLD)
+        else:
+            x = index.reconstruct_n(0, n)
+            probe = faiss.IndexFlat(index.d, index.metric_type)
+            probe.add(x)
 
-    def best_of(threshold: int) -> float:
-        faiss.cvar.distance_compute_blas_threshold = threshold
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            probe.search(queries, 10)
-            times.append(time.perf_counter() - t)
-        return min(times)
+            def best(threshold: int, queries, reps: int) -> float:
+                faiss.cvar.distance_compute_blas_threshold = threshold
+                times = []
+                for _ in range(reps):
+                    t = time.perf_counter()
+                    probe.search(queries, 10)
+                    times.append(time.perf_counter() - t)
+                return min(times)
 
-    blas, simd = best_of(BLAS_THRESHOLD), best_of(4 * batch + 1)
-    path = "simd" if simd < blas else "blas"
-    faiss.cvar.distance_compute_blas_threshold = 4 * batch + 1 if path == "simd" else BLAS_THRESHOLD
-    _FLAT_PATH["path"] = path
-    return path
+            for name, queries, reps in (("single", x[:1], 15), ("batch", x[:batch], 3)):
+                blas, loops = best(BLAS_THRESHOLD, queries, reps), best(NO_BLAS, queries, reps)
+                _FLAT_ROUTE[name] = NO_BLAS if loops < blas else BLAS_THRESHOLD
+            faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+    return {k: "loops" if v == NO_BLAS else "blas" for k, v in _FLAT_ROUTE.items()}
+
+
+def flat_search(index, vecs: np.ndarray, k: int):
+    """``index.search`` with the route timed faster for this many queries (flat indexes; others as is)."""
+    import faiss
+
+    if _FLAT_ROUTE and isinstance(index, faiss.IndexFlat):
+        faiss.cvar.distance_compute_blas_threshold = _FLAT_ROUTE["single" if len(vecs) == 1 else "batch"]
+    return index.search(vecs, k)
 
 
 def build_params(spec: IndexSpec) -> dict:
@@ -315,7 +326,7 @@ class Retriever:
         return out
 
     def _search(self, vecs: np.ndarray, fetch: int) -> list[list[tuple[int, float]]]:
-        scores, ids = self.index.search(np.ascontiguousarray(vecs, dtype=np.float32), fetch)
+        scores, ids = flat_search(self.index, np.ascontiguousarray(vecs, dtype=np.float32), fetch)
         if self._distance:
             scores = -scores
         return [
