@@ -233,21 +233,18 @@ def test_chat_recipe_ends_cleanly_on_ctrl_c(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell runs background jobs with SIGINT ignored, and Python then installs no Ctrl-C
+        # handler: give the child the default disposition, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         for line in proc.stdout:
             if line.startswith("[chat] tiny"):
                 break
         proc.send_signal(signal.SIGINT)
-        # Read on with stdin still open: communicate() closes stdin at once, and a chat that reads
-        # that EOF before the signal is handled ends by "eof" (a race seen once in CI).
-        said = []
-        for line in proc.stdout:
-            said.append(line)
-            if "[chat] bye" in line:
-                break
+        # Wait with stdin still open (communicate() would close it: an EOF would end the chat too).
+        proc.wait(timeout=60)
         out, err = proc.communicate(timeout=60)
-        out = "".join(said) + out
     finally:
         if proc.poll() is None:
             proc.kill()
