@@ -18,6 +18,27 @@ from pydantic import Field, field_validator
 from engine.evaluate.metrics import unknown
 from engine.registry import Strict
 
+
+def pattern_compiles(v: str | None) -> str | None:
+    """Validator body shared by every optional regex field (eval.numeric, reward numeric)."""
+    if v is not None:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from None
+    return v
+
+
+def suites_exist(v: list[str]) -> list[str]:
+    """Validator body shared by eval.suites and the suite reward: every name is shipped or a file."""
+    from engine.evaluate.suites import resolve, shipped_names
+
+    missing = [s for s in v if resolve(s) is None]
+    if missing:
+        raise ValueError(f"no suite {missing}; shipped: {', '.join(shipped_names())} (or a path to a suite YAML)")
+    return v
+
+
 DEFAULT_REFUSALS = [
     r"\bI (?:can(?:no|')t|won't|will not|am unable to|'m unable to|am not able to|'m not able to)\b",
     r"\b(?:sorry|apologi[sz]e)\b",
@@ -38,12 +59,7 @@ class NumericSpec(Strict):
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"not a valid regular expression: {e}") from None
-        return v
+        return pattern_compiles(v)
 
 
 class LmEvalSpec(Strict):
@@ -109,12 +125,7 @@ class EvalSpec(Strict):
     @field_validator("suites")
     @classmethod
     def _suites_exist(cls, v: list[str]) -> list[str]:
-        from engine.evaluate.suites import resolve, shipped_names
-
-        missing = [s for s in v if resolve(s) is None]
-        if missing:
-            raise ValueError(f"no suite {missing}; shipped: {', '.join(shipped_names())} (or a path to a suite YAML)")
-        return v
+        return suites_exist(v)
 
     @field_validator("run_dir", "compare_run")
     @classmethod

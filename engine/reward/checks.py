@@ -14,7 +14,7 @@ import re
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from engine.errors import UserError
-from engine.evaluate.spec import DEFAULT_REFUSALS
+from engine.evaluate.spec import DEFAULT_REFUSALS, suites_exist
 from engine.evaluate.suites import Case, Checks, check
 from engine.registry import Spec
 from engine.reward.base import PerItem, RewardItem, Scored
@@ -124,12 +124,7 @@ class SuiteRewardSpec(Spec):
     @field_validator("suites")
     @classmethod
     def _suites_exist(cls, v: list[str]) -> list[str]:
-        from engine.evaluate.suites import resolve, shipped_names
-
-        missing = [s for s in v if resolve(s) is None]
-        if missing:
-            raise ValueError(f"no suite {missing}; shipped: {', '.join(shipped_names())} (or a path to a suite YAML)")
-        return v
+        return suites_exist(v)
 
 
 class SuiteReward(PerItem):

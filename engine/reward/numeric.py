@@ -8,12 +8,12 @@ else the last number) and ``within_tol`` is eval's own function on the pair, so 
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator
 
 from engine.evaluate.metrics import read_values, within_tol
+from engine.evaluate.spec import pattern_compiles
 from engine.registry import Spec
 from engine.reward.base import PerItem, RewardItem, Scored
 from engine.reward.spec import REWARDS
@@ -36,12 +36,7 @@ class NumericRewardSpec(Spec):
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"not a valid regular expression: {e}") from None
-        return v
+        return pattern_compiles(v)
 
 
 class NumericReward(PerItem):
