@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import textwrap
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -59,11 +56,11 @@ def test_trainable_weight_other_dtypes_and_autocast_use_the_original_forward():
     assert "RMSNormFn" not in type(bf(x.to(torch.bfloat16)).grad_fn).__name__
 
 
-def test_swapped_classes_have_llamas_forward():
-    """Only classes whose forward is Llama's, line for line, may take the fused path."""
-    import transformers
+def test_swapped_classes_compute_llamas_norm():
+    """Each Llama-like class passes the numeric self-check the trainer runs before swapping it
+    (its own forward vs the fused node, output and input gradient): not its source text."""
+    from engine.speed.fused_ops import check_rms_norm
 
-    llama = textwrap.dedent(inspect.getsource(transformers.models.llama.modeling_llama.LlamaRMSNorm.forward))
     checked = 0
     for name in SAME_AS_LLAMA:
         family = name.removesuffix("RMSNorm").lower()
@@ -74,7 +71,9 @@ def test_swapped_classes_have_llamas_forward():
         cls = getattr(module, name, None)
         if cls is None:
             continue
-        assert textwrap.dedent(inspect.getsource(cls.forward)) == llama, name
+        norm = cls(24, eps=1e-6)
+        norm.weight.data.normal_(1.0, 0.2)
+        check_rms_norm(norm)
         checked += 1
     assert checked >= 3
 
@@ -154,7 +153,7 @@ def test_the_trainer_fuses_on_cpu_trains_the_same_and_restores_everything(tmp_pa
 
     fused_counts = []
     original_use = speed_apply.use_fused_rms_norm
-    monkeypatch.setattr(speed_apply, "use_fused_rms_norm", lambda m: fused_counts.append(original_use(m)) or fused_counts[-1])
+    monkeypatch.setattr(speed_apply, "use_fused_rms_norm", lambda *a: fused_counts.append(original_use(*a)) or fused_counts[-1])
     original = modeling_llama.apply_rotary_pos_emb
     curves, norms = {}, {}
     for fused in (True, False):

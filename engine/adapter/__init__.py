@@ -124,16 +124,13 @@ def unmatched_targets(model, targets: list[str] | str) -> list[str]:
 
 
 def _fast_cpu(model, spec: LoraSpec):
-    """LoRA's input dropout drawn sparsely (engine/dropout.py: same distribution, ~6x cheaper)
-    and, if ``spec.fused``, each LoRA layer one autograd node (engine/fused_lora.py); both
-    change only how the CPU computes, not what."""
-    from engine.speed.dropout import use_gap_dropout
+    """LoRA's input dropout drawn sparsely (engine/speed/dropout.py: same distribution, ~6x cheaper)
+    and, if ``spec.fused``, each LoRA layer one autograd node (engine/speed/fused_lora.py); both
+    change only how the CPU computes, not what, and each is checked against PEFT's own code
+    first (skipped with a notice if it differs)."""
+    from engine.speed.apply import lora_speedups
 
-    use_gap_dropout(model)
-    if spec.fused:
-        from engine.speed.fused_lora import use_fused_lora
-
-        use_fused_lora(model)
+    lora_speedups(model, fused=spec.fused)
     return model
 
 

@@ -77,11 +77,15 @@ def _data_line(d: dict) -> str:
 
 
 def _train_line(t: dict) -> str:
-    return (
+    line = (
         f"{t.get('steps')} steps on {t.get('device')} (mixed precision: {t.get('precision')}) in "
         f"{t.get('train_seconds')} s, {t.get('tokens_per_s')} tokens/s; "
         f"loss {t.get('first_loss')} -> {t.get('final_loss')}."
     )
+    speed = t.get("speedups")
+    if isinstance(speed, dict) and speed:
+        line += " Speed-ups: " + "; ".join(f"{k} {v}" for k, v in speed.items()) + "."
+    return line
 
 
 def _fmt(v) -> str:

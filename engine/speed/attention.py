@@ -91,3 +91,32 @@ def restore_sdpa(model) -> None:
     """Back to plain ``sdpa`` (generation and saved configs never see ``sdpa_segments``)."""
     if getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME:
         model.set_attn_implementation("sdpa")
+
+
+def check_segments() -> None:
+    """Raise ``CheckFailed`` unless ``segment_attention`` on a packed row equals causal SDPA run
+    on each example alone (output and q/k/v gradients), with grouped K/V heads and padding,
+    and transformers accepts the registration (``register``)."""
+    from engine.speed.guard import assert_close
+
+    register()
+    sizes, pad = [2, 3], 1
+    q = torch.randn(1, 4, 6, 8, requires_grad=True)
+    k = torch.randn(1, 2, 6, 8, requires_grad=True)
+    v = torch.randn(1, 2, 6, 8, requires_grad=True)
+    out, _ = segment_attention(None, q, k, v, None, scaling=8**-0.5, segment_lengths=torch.tensor([sizes + [0]]))
+    want, start = [], 0
+    for n in sizes:
+        part = slice(start, start + n)
+        kk, vv = (t[:, :, part].repeat_interleave(2, dim=1) for t in (k, v))
+        want.append(F.scaled_dot_product_attention(q[:, :, part], kk, vv, is_causal=True, scale=8**-0.5).transpose(1, 2))
+        start += n
+    want = torch.cat(want, dim=1)
+    assert_close("packed attention output", out[:, : sum(sizes)], want)
+    if out.shape[1] != sum(sizes) + pad:
+        raise AssertionError(f"packed attention returned {out.shape[1]} positions, not {sum(sizes) + pad}")
+    g = torch.randn_like(want)
+    got_grads = torch.autograd.grad(out[:, : sum(sizes)], (q, k, v), g)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    for name, a, b in zip("qkv", got_grads, want_grads, strict=True):
+        assert_close(f"packed attention {name} gradient", a, b)

@@ -101,3 +101,22 @@ def use_gap_dropout(model) -> int:
                 drops[key] = GapDropout(d.p)
                 n += 1
     return n
+
+
+def check_gap_dropout(p: float = 0.1, n: int = 50_000) -> None:
+    """Raise ``CheckFailed`` unless ``_Drop`` behaves as dropout: kept values scaled by 1/(1-p),
+    dropped ones zero, the drop rate within 6 standard deviations of p, and a backward that
+    uses the same mask and scale."""
+    from engine.speed.guard import CheckFailed, assert_close
+
+    x = (torch.rand(n) + 0.5).requires_grad_()  # no zeros: a zero in the output means dropped
+    out = _Drop.apply(x, p)
+    kept = out != 0
+    scale = 1.0 / (1.0 - p)
+    assert_close("kept values", out[kept], x.detach()[kept] * scale, rtol=1e-6, atol=1e-6)
+    rate, sd = 1.0 - kept.float().mean().item(), math.sqrt(p * (1 - p) / n)
+    if abs(rate - p) > 6 * sd:
+        raise CheckFailed(f"dropped {rate:.4f} of the values, not about {p}")
+    g = torch.rand(n) + 0.5
+    (dx,) = torch.autograd.grad(out, x, g)
+    assert_close("dropout gradient", dx, g * kept * scale, rtol=1e-6, atol=1e-6)

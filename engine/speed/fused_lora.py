@@ -117,3 +117,47 @@ def use_fused_lora(model) -> int:
             module.__class__ = FusedLoraLinear
             n += 1
     return n
+
+
+def check_fused_lora(module: PeftLoraLinear) -> None:
+    """Raise ``CheckFailed`` unless the fused node computes what PEFT's own forward computes on
+    ``module``: output and the gradients of the input, A and B, with the module's dropout drawn
+    from the same seed. B is set to random values for the check (PEFT initialises it to zero,
+    which would hide A's gradient) and put back after; the module's mode is restored too."""
+    from engine.speed.guard import NotApplicable, assert_close
+
+    was_training, cls = module.training, type(module)
+    module.train()
+    try:
+        dtype = module.base_layer.weight.dtype
+        if module.base_layer.weight.device.type != "cpu":
+            raise NotApplicable("the fused node is for CPU training")
+        name = FusedLoraLinear._fusable(module, torch.randn(1, module.in_features, dtype=dtype), (), {})
+        if name is None:
+            raise NotApplicable("these LoRA layers are not the fused case: fp32, one plain adapter, frozen nn.Linear")
+        a, b = module.lora_A[name].weight, module.lora_B[name].weight
+        saved = b.detach().clone()
+        try:
+            with torch.no_grad():
+                b.normal_(0, 0.5)
+            x = torch.randn(2, 3, module.in_features, dtype=dtype, requires_grad=True)
+            g = torch.randn(2, 3, module.out_features, dtype=dtype)
+            results = []
+            for kind in (PeftLoraLinear, FusedLoraLinear):
+                module.__class__ = kind
+                torch.manual_seed(1234)
+                out = module(x)
+                results.append((out, *torch.autograd.grad(out, (x, a, b), g)))
+        finally:
+            with torch.no_grad():
+                b.copy_(saved)
+    finally:
+        module.train(was_training)
+        module.__class__ = cls
+    for what, got, want in zip(("output", "input gradient", "A gradient", "B gradient"), *results[::-1], strict=True):
+        assert_close(f"LoRA {what}", got, want)
+
+
+def lora_layers(model) -> list[PeftLoraLinear]:
+    """PEFT's plain LoRA ``Linear`` layers of ``model`` (the candidates for ``use_fused_lora``)."""
+    return [m for m in model.modules() if type(m) is PeftLoraLinear]

@@ -165,14 +165,17 @@ def train(job: TrainJob) -> dict:
         keep_freed_memory=tcfg.keep_freed_memory,
         fused_ops=tcfg.fused_ops,
         compile=tcfg.compile,
+        mixed_precision=job.accelerator.mixed_precision,
     ) as speed:
+        if job.is_main:
+            print(f"[engine] speed-ups: {speed.switches.summary()}", flush=True)
         run = set_up(job, segments=speed.segments)
         with _outputs(run):
             for step in range(run.state.step + 1, run.steps + 1):
                 train_step(run, step)
                 if run.stopped:
                     break
-    return finish(run)
+    return {**finish(run), "speedups": dict(speed.switches.status)}
 
 
 # ---------------------------------------------------------------- set-up
