@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +20,10 @@ TINY_TOKENIZER = ROOT / "engine" / "assets" / "tiny_tokenizer"
 TINY = ["model=tiny"]
 # A few fast CPU training steps on the tiny model: small batches, no warm-up, a high lr so
 # parameters visibly move, fp32 so results do not depend on the machine's bf16 support.
+HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
+needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not installed (pip install -e '.[quant]')")
+"""For tests of 4/8-bit bases: bitsandbytes is the optional ``quant`` extra (CI installs it)."""
+
 QUICK_TRAIN = [
     *TINY,
     "train.micro_batch_size=2",

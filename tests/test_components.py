@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from conftest import QUICK_TRAIN, TINY, compose
+from conftest import QUICK_TRAIN, TINY, compose, needs_bnb
 
 from engine.errors import ConfigError
 
@@ -61,7 +61,10 @@ def overrides(quant, adapter, loss):
     return args
 
 
-@pytest.mark.parametrize("quant, adapter, loss", VALID, ids=["-".join(c) for c in VALID])
+@pytest.mark.parametrize(
+    "quant, adapter, loss",
+    [pytest.param(*c, id="-".join(c), marks=[needs_bnb] if c[0] != "none" else []) for c in VALID],
+)
 def test_two_steps_train_exactly_the_intended_parameters(quant, adapter, loss, tmp_path):
     import torch
 

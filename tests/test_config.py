@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONF, ROOT, TINY, compose, run_engine
+from conftest import CONF, ROOT, TINY, compose, needs_bnb, run_engine
 
 from engine.config import RunConfig
 from engine.errors import ConfigError
@@ -44,6 +44,7 @@ def test_default_recipe_is_lora_smollm2():
     assert cfg.stages == ["prepare_data", "train", "evaluate", "report"]
 
 
+@needs_bnb  # recipe qlora_phi2 quantizes
 def test_command_line_overrides_beat_the_recipe():
     cfg = compose(["recipe=qlora_phi2", "model=tiny", "adapter.r=4", "train.max_steps=3"])
     assert cfg.quantization.kind == "nf4"  # from the recipe
@@ -51,6 +52,7 @@ def test_command_line_overrides_beat_the_recipe():
     assert cfg.adapter.r == 4 and cfg.train.max_steps == 3
 
 
+@needs_bnb  # recipe qlora_phi2 quantizes
 def test_adapter_targets_follow_the_model():
     cfg = compose(["recipe=qlora_phi2"])
     assert cfg.adapter.target_modules == ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
@@ -119,6 +121,7 @@ def test_cli_exits_2_without_traceback(args, key):
     assert "'max_steps'" not in proc.stderr, "the message must not dump the whole group"
 
 
+@needs_bnb  # recipe qlora_phi2 quantizes
 def test_cli_prints_composed_config():
     proc = run_engine("recipe=qlora_phi2", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr

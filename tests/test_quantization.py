@@ -10,7 +10,9 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, compose, run_engine
+from conftest import TINY, compose, needs_bnb, run_engine
+
+pytestmark = needs_bnb  # every test here quantizes with bitsandbytes
 
 WIDE = [*TINY, "model.hidden_size=256", "model.intermediate_size=512", "device=cpu", "precision=fp32"]
 

@@ -24,6 +24,13 @@ from engine.speed.guard import SKIPPED, Switches, attempt
 STEPS = ["stages=[prepare_data,train]", "train.max_steps=2", "adapter.dropout=0.1"]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state (mixed precision included): leave none behind."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _train(tmp_path, name: str, *overrides: str) -> tuple[dict, dict]:
     """A 2-step tiny LoRA run in this process: (train metrics, adapter tensors)."""
     cfg = compose([*QUICK_TRAIN, *STEPS, *overrides])
