@@ -17,7 +17,7 @@ def test_recipes_exist():
     assert "lora_smollm2" in RECIPES and "qlora_phi2" in RECIPES
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=[needs_bnb] if r.startswith("qlora") else []) for r in RECIPES])
 def test_every_recipe_composes_and_validates(recipe):
     if recipe == "eval_run":  # needs the run it evaluates: without one it says so at validation
         with pytest.raises(ConfigError, match="eval.run_dir: not set"):

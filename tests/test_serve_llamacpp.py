@@ -186,8 +186,10 @@ def test_without_the_cache_reset_the_switch_leaks_and_the_check_above_sees_it(fi
 
 
 def test_the_cache_is_dropped_only_when_the_set_changes(files, prompt, monkeypatch):
-    """The same set again keeps llama.cpp's prefix cache (a chat's growing prompt is not recomputed):
-    the prompt is evaluated whole only after a switch, else just its last token."""
+    """Unseeded sampling with the same set again keeps llama.cpp's prefix cache (a chat's growing
+    prompt is not recomputed): the prompt is evaluated whole only after a switch, else just its
+    last token. A reproducible request (a seed, or temperature 0) always evaluates it whole:
+    llama.cpp's logits depend on the batch, and its answer must not depend on what ran before."""
     b = build(files, A=files.a)
     try:
         evaluated: list[list[int]] = []
@@ -195,9 +197,13 @@ def test_the_cache_is_dropped_only_when_the_set_changes(files, prompt, monkeypat
         monkeypatch.setattr(b._llm, "eval", lambda tokens: (evaluated[-1].append(len(tokens)), evaluate(tokens)))
         for adapters in [(), (), (("A", 1.0),), (("A", 1.0),), (("A", 0.0),), ()]:
             evaluated.append([])
-            run(b, prompt, *adapters, max_tokens=2)
+            run(b, prompt, *adapters, max_tokens=2, temperature=0.8)
         whole = len(prompt)
         assert [e[0] for e in evaluated] == [whole, 1, whole, 1, whole, 1]  # scale 0 is the base: A -> base, then base
+        for kw in ({"temperature": 0.0}, {"temperature": 0.8, "seed": 3}, {"temperature": 0.0}):
+            evaluated.append([])
+            run(b, prompt, max_tokens=2, **kw)
+            assert evaluated[-1][0] == whole, kw
     finally:
         b.close()
 

@@ -38,11 +38,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from engine.errors import UserError
 from engine.serve.adapters import AdapterDirs, AdapterPathError
-from engine.serve.backend import AdapterInfo, AdapterScale, Backend, GenerateRequest, Piece
-from engine.serve.openai import ApiError, ChatRequest, CompletionRequest, parse_adapter_set, scrub, validate
+from engine.serve.backend import AdapterInfo, AdapterScale, Backend, GenerateRequest, Piece, PromptTooLong
+from engine.serve.openai import ApiError, ChatRequest, CompletionRequest, parse_adapter_set, parse_body, scrub, validate
 from engine.serve.ui import ui_router
 
 log = logging.getLogger("engine.serve")
@@ -170,15 +171,7 @@ class Server:
             data += chunk
             if len(data) > limit:
                 raise too_large
-        try:
-            return json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(
-                400,
-                "We could not parse the JSON body of your request. "
-                "The API expects a JSON payload; what was sent was not valid JSON.",
-                code="invalid_json",
-            ) from None
+        return parse_body(bytes(data))
 
     # --- models and adapters ----------------------------------------------------------
 
@@ -280,24 +273,50 @@ class Server:
 
     # --- generation -------------------------------------------------------------------
 
-    def budget(self, prompt_ids: list[int], wanted: int | None, param: str) -> int:
-        n, ctx = len(prompt_ids), self.backend.context_length
-        if not prompt_ids:
-            raise ApiError(400, "The prompt is empty.", param=param, code="invalid_value")
-        if n >= ctx or (wanted is not None and n + wanted > ctx):
-            asked = n + (wanted or 0)
+    def limits(self, body, param: str) -> int:
+        """Checks before the queue, in O(body): the most prompt tokens this request may have."""
+        ctx, wanted = self.backend.context_length, body.wanted_tokens()
+        if isinstance(body, ChatRequest) and len(body.messages) > ctx:
             raise ApiError(
                 400,
-                f"This model's maximum context length is {ctx} tokens. However, you requested {asked} tokens "
-                f"({n} in the {param}, {wanted or 0} in the completion). Please reduce the length of the {param} or completion.",
+                f"This model's maximum context length is {ctx} tokens, and each of your {len(body.messages)} messages "
+                f"takes at least one. Please send fewer messages (at most {ctx}).",
                 param=param,
                 code="context_length_exceeded",
             )
+        return ctx - (wanted or 1)
+
+    def too_long(self, n: int, wanted: int | None, param: str, *, at_least: bool = False) -> ApiError:
+        ctx, least = self.backend.context_length, "at least " if at_least else ""
+        return ApiError(
+            400,
+            f"This model's maximum context length is {ctx} tokens. However, you requested {least}{n + (wanted or 0)} "
+            f"tokens ({least}{n} in the {param}, {wanted or 0} in the completion). "
+            f"Please reduce the length of the {param} or completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+    def budget(self, prompt_ids: list[int], wanted: int | None, param: str) -> int:
+        n, ctx = len(prompt_ids), self.backend.context_length
+        if not prompt_ids:
+            raise ApiError(400, f"The {param} is empty: send at least one token of text.", param=param, code="invalid_value")
+        if n >= ctx or (wanted is not None and n + wanted > ctx):
+            raise self.too_long(n, wanted, param)
         return wanted if wanted is not None else min(self.spec.default_max_tokens, ctx - n)
 
-    async def start(self, request: GenerateRequest) -> tuple[Job, Piece | None]:
-        """Queue for the model, start the generation, and wait for its first piece (so an
-        error before the first token is still a proper status code)."""
+    async def start(self, body, render, param: str) -> tuple[Job, Piece | None, int]:
+        """Queue for the model; in the gate, render the prompt and start the generation; wait
+        for its first piece (so an error before the first token is still a proper status code).
+
+        Why render in the gate: a chat template and a tokenizer cost time linear (llama.cpp's
+        special-token parsing: quadratic) in the body, and a body of 20,000 tiny messages cost
+        ~29 s of CPU. Rendered in the worker, one request at a time, that work waits in the
+        same bounded queue as generation; ``render(limit)`` also refuses a text that cannot
+        fit ``limit`` tokens before tokenizing it (``PromptTooLong``).
+        """
+        adapters = self.adapters_for(body.model)  # the set is taken on arrival (module doc)
+        limit = self.limits(body, param)
         self.gate.enter()
         try:
             await self.gate.lock.acquire()
@@ -311,33 +330,36 @@ class Server:
             self.gate.leave()
 
         loop = asyncio.get_running_loop()
-        job = Job(self.backend, request, loop, release)
+        try:
+            prompt_ids = await loop.run_in_executor(self.worker, render, limit)
+            greq = GenerateRequest(
+                prompt_ids=prompt_ids,
+                max_tokens=self.budget(prompt_ids, body.wanted_tokens(), param),
+                temperature=body.temperature,
+                top_p=body.top_p,
+                seed=body.seed,
+                stop=body.stops(),
+                adapters=adapters,
+            )
+        except BaseException as e:
+            self.gate.lock.release()
+            self.gate.leave()
+            if isinstance(e, PromptTooLong):
+                raise self.too_long(e.floor, body.wanted_tokens(), param, at_least=True) from None
+            if isinstance(e, UserError):
+                raise ApiError(400, str(e), param=param, code="invalid_value") from None
+            raise
+        job = Job(self.backend, greq, loop, release)
         loop.run_in_executor(self.worker, job.run)
         try:
             first = await job.next()
+        except UserError as e:  # the backend refused the request before its first token
+            job.cancel()
+            raise ApiError(400, str(e), param=param, code="invalid_value") from None
         except BaseException:
             job.cancel()
             raise
-        return job, first
-
-    async def tokens(self, body, render) -> tuple[GenerateRequest, int]:
-        adapters = self.adapters_for(body.model)
-        try:
-            prompt_ids = await asyncio.to_thread(render)
-        except UserError as e:
-            raise ApiError(400, str(e), param="messages" if isinstance(body, ChatRequest) else "prompt") from None
-        param = "messages" if isinstance(body, ChatRequest) else "prompt"
-        max_tokens = self.budget(prompt_ids, body.wanted_tokens(), param)
-        greq = GenerateRequest(
-            prompt_ids=prompt_ids,
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=body.stops(),
-            adapters=adapters,
-        )
-        return greq, len(prompt_ids)
+        return job, first, len(prompt_ids)
 
 
 def build_app(
@@ -410,30 +432,29 @@ def build_app(
     async def chat(request: Request):
         body = validate(ChatRequest, await server.body(request))
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        greq, n_prompt = await server.tokens(body, lambda: backend.render_chat(messages))
-        return await _respond(server, body, greq, n_prompt, chat=True)
+        started = await server.start(body, lambda limit: backend.render_chat(messages, limit=limit), "messages")
+        return await _respond(body, *started, chat=True)
 
     @app.post("/v1/completions", dependencies=keyed)
     async def completions(request: Request):
         body = validate(CompletionRequest, await server.body(request))
         prompt = body.prompt
 
-        def render() -> list[int]:
+        def render(limit: int) -> list[int]:
             if isinstance(prompt, str):
-                return backend.tokenize(prompt)
+                return backend.tokenize(prompt, limit=limit)
             if isinstance(prompt[0], str):
-                return backend.tokenize(prompt[0])
+                return backend.tokenize(prompt[0], limit=limit)
             return list(prompt)
 
-        greq, n_prompt = await server.tokens(body, render)
-        return await _respond(server, body, greq, n_prompt, chat=False)
+        started = await server.start(body, render, "prompt")
+        return await _respond(body, *started, chat=False)
 
     app.include_router(ui_router(outputs_dir, dependencies=keyed))  # the page; its runs API takes the key
     return app
 
 
-async def _respond(server: Server, body, greq: GenerateRequest, n_prompt: int, *, chat: bool):
-    job, first = await _start(server, greq)
+async def _respond(body, job: Job, first: Piece | None, n_prompt: int, *, chat: bool):
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     shape = _Shape(rid, created, body.model, chat)
@@ -478,13 +499,6 @@ async def _respond(server: Server, body, greq: GenerateRequest, n_prompt: int, *
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
-async def _start(server: Server, greq: GenerateRequest) -> tuple[Job, Piece | None]:
-    try:
-        return await server.start(greq)
-    except UserError as e:
-        raise ApiError(400, str(e)) from None
-
-
 class _Shape:
     """OpenAI's response objects for one request (chat.completion / text_completion and their chunks)."""
 
@@ -527,7 +541,8 @@ def _internal(e: BaseException) -> ApiError:
 
 
 class _Guard:
-    """Any exception a route did not turn into an ApiError: a generic 500 in OpenAI's shape.
+    """Any exception a route did not turn into an ApiError: a generic 500 in OpenAI's shape;
+    a client that went away is logged at INFO (it is no server error).
 
     Pure ASGI, inside Starlette's ServerErrorMiddleware: that one would answer with plain text
     and re-raise into uvicorn's traceback log.
@@ -549,6 +564,8 @@ class _Guard:
 
         try:
             await self.app(scope, receive, tracked)
+        except ClientDisconnect:  # the client went away (mid-body or mid-response): nobody to answer
+            log.info("client went away: %s %s", scope.get("method"), scope.get("path"))
         except Exception as e:
             err = _internal(e)
             if not started:

@@ -12,9 +12,13 @@ server's active set between requests never mixes adapters within one response.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from engine.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -65,12 +69,14 @@ class Backend(Protocol):
     """Name of the base model as /v1/models lists it."""
     context_length: int
 
-    def tokenize(self, text: str) -> list[int]:
-        """Plain text -> ids (completions); special tokens in the text are parsed."""
+    def tokenize(self, text: str, *, limit: int | None = None) -> list[int]:
+        """Plain text -> ids (completions); special tokens in the text are parsed. With ``limit``,
+        a text that certainly holds more tokens (``TokenFloor``) raises ``PromptTooLong`` before
+        the tokenizer runs."""
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
+    def render_chat(self, messages: list[dict], *, limit: int | None = None) -> list[int]:
         """Messages -> prompt ids through the model's own chat template (sandboxed jinja),
-        with the assistant turn opened."""
+        with the assistant turn opened; ``limit`` as for ``tokenize``."""
 
     def generate(self, request: GenerateRequest) -> Iterator[Piece]:
         """Stream the completion. Stop strings are honoured here (text never passes one).
@@ -89,3 +95,51 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Free the model (llama.cpp wants an explicit close before interpreter exit)."""
+
+
+class PromptTooLong(UserError):
+    """A prompt that holds at least ``floor`` tokens, more than the ``limit`` it was given."""
+
+    def __init__(self, floor: int, limit: int):
+        super().__init__(f"the prompt holds at least {floor} tokens; at most {limit} fit")
+        self.floor, self.limit = floor, limit
+
+
+class TokenFloor:
+    """At least how many tokens a text becomes: one regex pass over it, no tokenizer run.
+
+    Why: tokenizers cost time at least linear in the text, and llama.cpp's special-token
+    parsing is quadratic in the number of special tokens (20,000 one-letter chat messages:
+    ~29 s). A text whose floor is past the context is refused without that cost.
+
+    The bound: every occurrence of a special token's text is one token, and every other
+    token covers at most ``longest`` units of the rest (bytes for llama.cpp, whose pieces are
+    bytes; characters for transformers, whose token strings hold one character per byte or
+    per character consumed). Special texts that overlap each other could make the count of
+    occurrences an over-count; no vocabulary seen here has such.
+    """
+
+    def __init__(self, specials: Iterable[str], longest: int, *, in_bytes: bool):
+        texts = sorted({s for s in specials if s}, key=len, reverse=True)
+        self.special = re.compile("|".join(map(re.escape, texts))) if texts else None
+        self.longest, self.in_bytes = max(1, longest), in_bytes
+
+    def __call__(self, text: str) -> int:
+        parts = self.special.split(text) if self.special is not None else [text]
+        size = sum(len(p.encode("utf-8", "surrogatepass")) if self.in_bytes else len(p) for p in parts)
+        return len(parts) - 1 + math.ceil(size / self.longest)
+
+    def check(self, text: str, limit: int | None) -> None:
+        """Raise ``PromptTooLong`` when ``text`` certainly holds more than ``limit`` tokens."""
+        if limit is not None and (floor := self(text)) > limit:
+            raise PromptTooLong(floor, limit)
+
+
+def check_ids(ids: list[int], vocab: int) -> None:
+    """Token ids a model can embed, or a ``UserError`` naming the first that is not."""
+    bad = next(((i, t) for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise UserError(
+            f"token id {bad[1]} at position {bad[0]} of the prompt is outside this model's vocabulary; "
+            f"ids run from 0 to {vocab - 1}"
+        )

@@ -6,10 +6,17 @@ or range (temperature in [0, 2], top_p in (0, 1], max_tokens >= 1, n = 1), unkno
 ignored. Numbers and flags are strict: ``"0.5"`` is a wrong type here as it is there.
 Every error body is ``{"error": {"message", "type", "param", "code"}}``; no message carries a
 local path (``scrub``) or a traceback.
+
+Why a body is inspected before the models see it (``parse_body``): text that is not valid
+Unicode (a lone surrogate such as ``"\\ud800"``, which JSON may carry) makes tokenizers and the
+JSON encoder of an error body raise, and JSON nested thousands of levels deep makes the parser
+and ``repr`` recurse past Python's limit. Both are the client's to fix, so both are a 400 that
+names where in the body the problem is, before anything else runs.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -17,6 +24,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 Number = Annotated[float, Field(strict=True)]  # JSON ints and floats, never strings
+TokenId = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]  # llama.cpp's llama_token is an int32
+MAX_SCALE = 10.0
+"""Largest adapter scale (either sign). A LoRA's usual scale is 0 to 2 (negative subtracts it);
+far beyond, the adapter swamps the base and activations overflow into inf/NaN."""
 
 
 class ApiError(Exception):
@@ -33,7 +44,9 @@ class ApiError(Exception):
         headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, scrub(message), type, param, code
+        # param may echo a client's key: scrubbed too, so no error body ever shows a path
+        self.status, self.message, self.type, self.code = status, scrub(message), type, code
+        self.param = scrub(param) if param is not None else None
         self.headers = headers or {}
 
     def body(self) -> dict:
@@ -42,11 +55,88 @@ class ApiError(Exception):
 
 # Two or more path components, with or without a drive letter: /home/u/x, C:\data\y.
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;()\[\]]+){2,}[\\/]?")
+ROUTES = ("/v1/", "/lora-adapters", "/health", "/ui/")
+"""The server's own URL paths: a message naming one (``GET /v1/models lists ...``) keeps it whole."""
 
 
 def scrub(message: str) -> str:
-    """A message with every local path cut down to its last component (``.../name``)."""
-    return _PATH.sub(lambda m: ".../" + re.split(r"[\\/]", m.group(0).rstrip("\\/"))[-1], message)
+    """A message with every local path cut down to its last component (``.../name``); the
+    server's own routes (``ROUTES``) are URLs, not local paths, and stay as they are."""
+
+    def cut(m: re.Match) -> str:
+        if m.group(0).startswith(ROUTES):
+            return m.group(0)
+        return ".../" + re.split(r"[\\/]", m.group(0).rstrip("\\/"))[-1]
+
+    return _PATH.sub(cut, message)
+
+
+MAX_DEPTH = 32
+"""Deepest nesting of arrays and objects a body may have. OpenAI's bodies need 4 (messages[0].
+content[0].text); tool schemas a few more. Deeper is refused before any model validates it."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_body(data: bytes) -> Any:
+    """JSON bytes -> the value, refused with a 400 when it is not JSON, nests deeper than
+    ``MAX_DEPTH`` or holds text that is not valid Unicode (a lone surrogate), with the place named."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise _too_deep("body") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(
+            400,
+            "We could not parse the JSON body of your request. The API expects a JSON payload; what was sent was not valid JSON.",
+            code="invalid_json",
+        ) from None
+    inspect(value)
+    return value
+
+
+def inspect(value: Any) -> None:
+    """Walk a parsed body without recursion: depth and Unicode checked at every string and key."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                raise _not_unicode(where or "body")
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth >= MAX_DEPTH:
+            raise _too_deep(where or "body")
+        if isinstance(item, dict):
+            for key, v in item.items():
+                shown = key if len(key) <= 40 else key[:40] + "..."  # named in the error: kept short
+                child = f"{where}.{shown}" if where else shown
+                if _SURROGATE.search(key):
+                    raise _not_unicode(where or "body", key=True)
+                stack.append((v, child, depth + 1))
+        else:
+            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(item))
+
+
+def _too_deep(where: str) -> ApiError:
+    return ApiError(
+        400,
+        f"Invalid '{where}': the JSON nests more than {MAX_DEPTH} levels of arrays and objects; "
+        "OpenAI's request bodies need a handful, send a flatter body.",
+        param=where,
+        code="invalid_value",
+    )
+
+
+def _not_unicode(where: str, *, key: bool = False) -> ApiError:
+    what = "a key in it" if key else "the text"
+    return ApiError(
+        400,
+        f"Invalid '{where}': {what} holds a lone UTF-16 surrogate (such as \\ud800), which is not valid "
+        "Unicode; send UTF-8 text (a character beyond U+FFFF as one \\uXXXX\\uXXXX pair, high then low).",
+        param=where,
+        code="invalid_value",
+    )
 
 
 class _Body(BaseModel):
@@ -78,7 +168,8 @@ class _Sampling(_Body):
     temperature: Number = Field(1.0, ge=0, le=2)
     """0 is greedy."""
     top_p: Number = Field(1.0, gt=0, le=1)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    """Reproducible sampling: the same seed and body give the same answer (OpenAI's range: int64)."""
     stop: str | list[str] | None = None
     n: StrictInt = 1
     stream: StrictBool = False
@@ -123,8 +214,8 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[StrictInt]
-    """A string, one string in a list, or token ids."""
+    prompt: str | list[str] | list[TokenId]
+    """A string, one string in a list, or token ids (each below the model's vocabulary size, checked on arrival)."""
     max_tokens: StrictInt | None = Field(16, ge=1)
     """OpenAI's default for completions is 16 tokens."""
 
@@ -147,7 +238,7 @@ class AdapterItem(_Body):
     id: StrictInt | None = None
     name: str | None = None
     path: str | None = None
-    scale: Number = 1.0
+    scale: Number = Field(1.0, ge=-MAX_SCALE, le=MAX_SCALE)
 
     @field_validator("scale")
     @classmethod

@@ -4,6 +4,13 @@ Why bind the socket here: with ``serve.port=0`` the OS picks the port, and the p
 must be the real one; binding first also means a client that reads the URL can connect at
 once. On SIGTERM or Ctrl-C uvicorn stops accepting, lets running responses finish for up to
 ``GRACE_S`` seconds, then ends the remaining streams; the caller closes the backend after.
+
+Why our own HTTP protocol class (``openai_h11``): a request too malformed for the app to see
+(a non-numeric or negative Content-Length, an invalid header name, a header block past
+``MAX_HEADER_BYTES``, a garbage request line) is answered by uvicorn itself, as plain text.
+The subclass answers it in OpenAI's error shape instead (400, or 431 for the header block),
+and pins h11: uvicorn's "auto" would switch to httptools when that is installed, whose
+answers differ.
 """
 
 from __future__ import annotations
@@ -52,6 +59,70 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+MAX_HEADER_BYTES = 16 * 1024
+"""Largest request line + header block (h11's incomplete-event limit); larger gets 431."""
+
+
+def openai_h11():
+    """uvicorn's h11 protocol, answering requests it cannot parse with OpenAI's error body."""
+    import json
+
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from engine.serve.openai import ApiError
+
+    class OpenAIH11Protocol(H11Protocol):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.bad_request: h11.RemoteProtocolError | None = None
+            parse = self.conn.next_event
+
+            def next_event():  # remember why h11 refused the bytes: uvicorn only says that it did
+                try:
+                    return parse()
+                except h11.RemoteProtocolError as e:
+                    self.bad_request = e
+                    raise
+
+            self.conn.next_event = next_event
+
+        def send_400_response(self, msg: str) -> None:
+            e = self.bad_request
+            status = getattr(e, "error_status_hint", 400) if e is not None else 400
+            if status == 431:
+                err = ApiError(
+                    431,
+                    f"The request line and headers are larger than this server accepts ({MAX_HEADER_BYTES} bytes); "
+                    "send fewer or shorter headers.",
+                    code="request_headers_too_large",
+                )
+            else:
+                status = 400
+                why = str(e)[:120] if e is not None and str(e) else "malformed"
+                err = ApiError(
+                    400,
+                    f"The HTTP request could not be parsed ({why}). Send an HTTP/1.1 request with a valid request line, "
+                    "header names of letters, digits and '-', and a non-negative integer Content-Length.",
+                    code="invalid_http_request",
+                )
+            body = json.dumps(err.body()).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            try:
+                self.transport.write(self.conn.send(h11.Response(status_code=status, headers=headers)))
+                self.transport.write(self.conn.send(h11.Data(data=body)))
+                self.transport.write(self.conn.send(h11.EndOfMessage()))
+            except h11.LocalProtocolError:  # a response had already started on this connection
+                pass
+            self.transport.close()
+
+    return OpenAIH11Protocol
+
+
 def uvicorn_server(app, *, log_level: str = "warning"):
     """A uvicorn server that stops on SIGTERM / SIGINT and then *returns*.
 
@@ -80,7 +151,14 @@ def uvicorn_server(app, *, log_level: str = "warning"):
             self.stopped_by = signal.Signals(sig).name
             self.handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACE_S, access_log=False)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=GRACE_S,
+        access_log=False,
+        http=openai_h11(),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    )
     return Server(config)
 
 

@@ -14,13 +14,14 @@ honoured without ever emitting text past one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from engine.errors import UserError
 from engine.serve import SERVERS, HfSpec
-from engine.serve.backend import AdapterInfo, AdapterScale, GenerateRequest, Piece
+from engine.serve.backend import AdapterInfo, AdapterScale, GenerateRequest, Piece, TokenFloor, check_ids
 
 
 class StopText:
@@ -38,7 +39,9 @@ class StopText:
             out = text[self.sent : min(hits)]
             self.sent = min(hits)
             return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        # k never past the text: a 100 kB stop string costs what the text does, not its square.
+        most = len(text) - self.sent
+        hold = max((k for s in self.stops for k in range(1, min(len(s), most + 1)) if text.endswith(s[:k])), default=0)
         end = max(self.sent, len(text) - hold)
         out, self.sent = text[self.sent : end], end
         return out, False
@@ -74,10 +77,18 @@ class HfBackend:
 
     # --- text -----------------------------------------------------------------------
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, *, limit: int | None = None) -> list[int]:
+        self._floor.check(text, limit)
         return self.tokenizer(text, add_special_tokens=True).input_ids
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
+    @functools.cached_property
+    def _floor(self) -> TokenFloor:
+        """Added tokens match as whole texts; any other token string covers at most its length in characters."""
+        added = {t.content for t in self.tokenizer.added_tokens_decoder.values()}
+        longest = max((len(t) for t in self.tokenizer.get_vocab() if t not in added), default=1)
+        return TokenFloor(added, longest, in_bytes=False)
+
+    def render_chat(self, messages: list[dict], *, limit: int | None = None) -> list[int]:
         # transformers renders chat templates in jinja2's ImmutableSandboxedEnvironment.
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError("this model has no chat template; send plain text to /v1/completions instead")
@@ -87,6 +98,7 @@ class HfBackend:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except TemplateError as e:  # the template's own raise_exception, or the sandbox stopping it
             raise UserError(f"the chat template of {self.model_id} refused these messages: {e}") from None
+        self._floor.check(text, limit)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     # --- adapters -------------------------------------------------------------------
@@ -142,11 +154,11 @@ class HfBackend:
 
         if not request.prompt_ids:
             raise UserError("the prompt is empty")
-        vocab = self.base.get_input_embeddings().num_embeddings
-        if not all(0 <= t < vocab for t in request.prompt_ids):
-            raise UserError(f"the prompt holds token ids outside this model's vocabulary (0 to {vocab - 1})")
+        check_ids(request.prompt_ids, self.base.get_input_embeddings().num_embeddings)
         gen = torch.Generator("cpu")
-        gen.manual_seed(request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        # torch takes 64 bits: OpenAI's int64 seeds (negative ones too) map one to one.
+        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
+        gen.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
         budget = min(request.max_tokens, self.context_length - len(request.prompt_ids))
         stop = StopText(request.stop)
         ids: list[int] = []
@@ -190,15 +202,29 @@ def _complete(text: str) -> str:
 
 
 def _pick(logits, temperature: float, top_p: float, gen) -> int:
-    """Greedy at temperature 0; else a sample from the top-p nucleus of the tempered softmax."""
+    """Greedy at temperature 0; else a sample from the top-p nucleus of the tempered softmax.
+
+    In float64, with the best logit subtracted before dividing by the temperature: a
+    temperature of 1e-300 then gives -inf to every other token (greedy in effect) instead of
+    inf/inf = NaN, and the nucleus always keeps its first token, even for a top_p of 1e-300
+    (which float32 rounds to 0). Scores that are NaN or inf (an adapter scaled far beyond its
+    training) are the request's to fix, so a ``UserError``.
+    """
     import torch
 
+    scores = logits.double().cpu()
+    if not bool(torch.isfinite(scores).all()):
+        raise UserError(
+            "the model's next-token scores are not finite (NaN or inf) with this adapter set; "
+            "lower the adapter scales (POST /lora-adapters) or send the request to the base model"
+        )
     if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+        return int(scores.argmax())
+    probs = torch.softmax((scores - scores.max()) / temperature, dim=-1)
     if top_p < 1:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest prefix reaching top_p (at least one token)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest prefix reaching top_p ...
+        keep[0] = True  # ... and at least one token
         sorted_p[~keep] = 0
         return int(order[torch.multinomial(sorted_p, 1, generator=gen)])
     return int(torch.multinomial(probs, 1, generator=gen))

@@ -9,6 +9,14 @@ Why the prefix cache is reset on a switch: the high-level ``Llama.generate`` reu
 longest cached prefix of the previous prompt, and those keys/values were computed under the
 previous adapter set. Reusing them would mix two adapters in one response.
 
+Why a reproducible request (a seed, or temperature 0) starts from an empty cache: llama.cpp's
+numbers depend on how a prompt was batched. With the prefix cached, only the prompt's last
+token is decoded (a batch of one) and its logits differ slightly from the whole prompt's batch;
+at temperature 0.9 with a fixed seed, 3 of 12 SmolLM2 prompts sampled another answer when
+asked twice in a row, and 1 of 12 greedy answers changed. So such requests evaluate the whole
+prompt every time (SmolLM2 Q4_1, 2 threads: ~200 prompt tokens/s); unseeded sampling, random
+anyway, keeps reusing the cached prefix.
+
 Why token ids, not text: the chat template is rendered here (sandboxed jinja, the GGUF's own
 ``tokenizer.chat_template``) and tokenized with special tokens parsed; the ids go to
 ``generate``. On SmolLM2, ``Llama.__call__`` with the ChatML prompt *text* answered differently
@@ -29,7 +37,7 @@ from pathlib import Path
 
 from engine.errors import UserError
 from engine.serve import SERVERS, LlamaCppSpec
-from engine.serve.backend import AdapterInfo, AdapterScale, GenerateRequest, Piece
+from engine.serve.backend import AdapterInfo, AdapterScale, GenerateRequest, Piece, TokenFloor, check_ids
 
 GGUF_MAGIC = b"GGUF"
 
@@ -126,12 +134,31 @@ class LlamaCppBackend:
 
     # --- text -> ids -----------------------------------------------------------------
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, *, limit: int | None = None) -> list[int]:
         if not text:
             return []
+        self._floor.check(text, limit)
         return self._model().tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
+    @cached_property
+    def _floor(self) -> TokenFloor:
+        """Control, user-defined and unknown tokens are what ``special=True`` matches as whole
+        texts; every other token is at most its longest piece in bytes (SmolLM2: 81). One pass
+        over the vocabulary, ~0.2 s for 49,152 tokens, on the first request."""
+        import llama_cpp
+
+        llm = self._model()
+        vocab = llm._model.vocab
+        whole = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        specials, longest = [], 1
+        for token in range(llm.n_vocab()):
+            if llama_cpp.llama_vocab_get_attr(vocab, token) & whole:
+                specials.append(llm._model.token_get_text(token))
+            else:
+                longest = max(longest, len(self._piece(token)))
+        return TokenFloor(specials, longest, in_bytes=True)
+
+    def render_chat(self, messages: list[dict], *, limit: int | None = None) -> list[int]:
         """The GGUF's own chat template, sandboxed, with the assistant turn opened; then its ids."""
         from jinja2.exceptions import SecurityError, TemplateError
 
@@ -147,7 +174,7 @@ class LlamaCppBackend:
             raise UserError(f"chat template of {self.model_id} was stopped by the sandbox: {e}") from None
         except (TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
             raise UserError(f"chat template of {self.model_id} refused these messages: {e}") from None
-        return self.tokenize(text)
+        return self.tokenize(text, limit=limit)
 
     @cached_property
     def _template(self):
@@ -192,6 +219,7 @@ class LlamaCppBackend:
         prompt = list(request.prompt_ids)
         if not prompt:
             raise UserError("the prompt is empty; llama.cpp needs at least one token to continue from")
+        check_ids(prompt, self._model().n_vocab())  # llama_decode would fail on them (a -1, not a message)
         room = self.context_length - len(prompt)
         if room <= 0:
             n, ctx = len(prompt), self.context_length
@@ -215,8 +243,11 @@ class LlamaCppBackend:
         self._activate(wanted)
         self._generation += 1
         generation = self._generation
-        llm.set_seed(request.seed if request.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
+        # llama.cpp's seed is 32 bits and 0xFFFFFFFF means "a random one": fold int64 seeds below it.
+        llm.set_seed(request.seed % 0xFFFFFFFF if request.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
         greedy = request.temperature == 0
+        if greedy or request.seed is not None:
+            llm.reset()  # reproducible: the whole prompt is evaluated, whatever is cached (module doc)
         tokens = llm.generate(
             prompt,
             temp=0.0 if greedy else request.temperature,
