@@ -150,3 +150,8 @@ def _named_roots() -> list[tuple[Path, str]]:
         if entry and Path(entry).name in ("site-packages", "dist-packages") and Path(entry).is_dir():
             roots.append((Path(os.path.realpath(entry)), "package:"))
     return roots
+
+
+def cache_root() -> Path:
+    """engine's cache across runs (converted models, build checks): $ENGINE_CACHE, else ~/.cache/engine."""
+    return Path(os.environ.get("ENGINE_CACHE", Path.home() / ".cache" / "engine"))

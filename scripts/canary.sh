@@ -11,25 +11,23 @@
 # against the lock; (4) a `model=tiny` training run and which speed-ups took effect or fell back
 # (engine/speed: a fallen-back switch means an upstream change to look at); (5) the fast test suite.
 # With --write-lock and everything green, `pip freeze` of that venv becomes requirements/lock.txt:
-# that is how the lock gets bumped. Takes ~6 min to install (the llama.cpp build) + the fast suite.
+# that is how the lock gets bumped. Takes 6-8 min to install (the llama.cpp build) + the fast suite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
 WRITE=0
 [ "${1:-}" = "--write-lock" ] && WRITE=1
 VENV=${CANARY_VENV:-/tmp/engine-canary}
 LOCK=requirements/lock.txt
 TORCH=${TORCH:-$(sed -n 's/^torch==//p' "$LOCK")}
 EXTRAS="dev,quant,bench,eval,export,loggers,sweep,cluster"
-LLAMA_FLAGS=$(sed -n 's/^llama-cpp-python==[^ ]* //p' requirements.txt)
 
 rm -rf "$VENV"
 python3 -m venv "$VENV"
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
-echo "== install: newest allowed releases (torch held at $TORCH), llama-cpp-python with: $LLAMA_FLAGS"
-# shellcheck disable=SC2086  # the flags are separate words on purpose
-if ! PIP_NO_CACHE_DIR=1 "$PY" -m pip install -q "torch==$TORCH" "llama-cpp-python$(sed -n 's/^llama-cpp-python\(==[^ ]*\).*/\1/p' requirements.txt)" $LLAMA_FLAGS ".[$EXTRAS]"; then
+echo "== install: newest allowed releases (torch held at $TORCH), llama-cpp-python built as requirements.txt says"
+grep -v '^-c ' requirements.txt > "$VENV/requirements-unlocked.txt"  # requirements.txt without the lock
+if ! PIP_NO_CACHE_DIR=1 "$PY" -m pip install -q -r "$VENV/requirements-unlocked.txt" "torch==$TORCH" ".[$EXTRAS]"; then
   echo "canary: install FAILED (the ranges in pyproject.toml no longer resolve or a build broke)"
   exit 1
 fi

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError, UserError
+from engine.files import cache_root
 from engine.registry import Registry
 
 ENGINE = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def load_tokenizer(model_spec):
         path = models.resolve_hf(model_spec.name_or_path, model_spec.revision)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_spec.trust_remote_code)
     elif kind == "gguf":
-        cached = models.cache_root() / "models" / Path(model_spec.file).stem
+        cached = cache_root() / "models" / Path(model_spec.file).stem
         if (cached / "tokenizer_config.json").is_file():  # converted by an earlier run
             tokenizer = AutoTokenizer.from_pretrained(cached)
         else:

@@ -29,6 +29,7 @@ import numpy as np
 
 from engine.errors import UserError
 from engine.export.manifest import base_gguf_of
+from engine.native import check_llama_cpp
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
 def open_gguf(path: Path, *, n_ctx: int, lora: Path | None = None, threads: int | None = None):
     """A llama.cpp model with every position's logits kept and an f32 KV cache (an f16 cache
     would add its own rounding to what is measured)."""
+    check_llama_cpp()
     from llama_cpp import GGML_TYPE_F32, Llama
 
     return Llama(

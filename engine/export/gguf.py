@@ -30,6 +30,7 @@ import numpy as np
 from engine.errors import UserError
 from engine.export import SUPPORTED, supported_message
 from engine.export.merge import Trained, adapter_config
+from engine.native import check_llama_cpp
 
 FLOAT_FORMATS = ("f32", "f16", "bf16")
 QUANTIZED = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
@@ -266,6 +267,7 @@ def _finish(writer) -> None:
 
 def quantize(source: Path, out: Path, fmt: str, *, threads: int = 0) -> Path:
     """llama.cpp's own quantizer (``llama_model_quantize``) on a float GGUF file."""
+    check_llama_cpp()
     import ctypes
 
     import llama_cpp

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from pydantic import field_validator
 
 from engine.errors import UserError
+from engine.files import cache_root
 from engine.registry import Registry, Spec
 
 MODELS = Registry("model")
@@ -89,11 +90,6 @@ def linear_module_names(model) -> list[str]:
 
     leaves = (name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
     return list(dict.fromkeys(leaves))
-
-
-def cache_root() -> Path:
-    """Where converted models live: $ENGINE_CACHE, else ~/.cache/engine."""
-    return Path(os.environ.get("ENGINE_CACHE", Path.home() / ".cache" / "engine"))
 
 
 def torch_dtype(name: str):
