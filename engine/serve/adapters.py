@@ -59,6 +59,17 @@ class AdapterDirs:
                 "adapter paths may not contain '..'; give a path inside one of the adapter directories",
                 "adapter_path_not_allowed",
             )
+        try:
+            return self._resolve(given)
+        except (OSError, RuntimeError) as e:  # a name too long, a loop of links, ~nosuchuser: the client's to fix
+            why = getattr(e, "strerror", None) or type(e).__name__
+            raise AdapterPathError(
+                f"the adapter path cannot be looked up on this server ({why}); "
+                "give the path of an adapter inside the adapter directories",
+                "invalid_value",
+            ) from None
+
+    def _resolve(self, given: str) -> Found:
         raw = Path(given).expanduser()
         candidates = [raw] if raw.is_absolute() else [root / raw for root in self.roots]
         for candidate in candidates:

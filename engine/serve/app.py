@@ -96,10 +96,16 @@ class Job:
         finally:
             if pieces is not None and hasattr(pieces, "close"):
                 pieces.close()  # a generator stops decoding and leaves its adapter context
-            self._hand(_DONE)
-            # Free the slot on the loop right after the last piece, before the route answers:
-            # a client's next request never finds its own finished one still holding the model.
-            self._call(self.on_end)
+            # Free the slot and end the stream in one loop callback, the slot first: the route
+            # cannot answer before the slot is free, so a client's next request never finds its
+            # own finished one still holding the model (two callbacks from this thread could be
+            # split by a thread switch, and the answer could go out between them).
+            self._call(self._finish)
+
+    def _finish(self) -> None:
+        """On the loop: free the slot, then hand the end of the stream to the route."""
+        self.on_end()
+        self.queue.put_nowait(_DONE)
 
     def _call(self, fn) -> None:
         try:

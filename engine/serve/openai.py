@@ -254,8 +254,12 @@ class AdapterItem(_Body):
         return self
 
 
+MAX_SET = 16
+"""Most adapters in one set (a blend of more is unheard of); each item may load a file."""
+
+
 class AdapterSet(_Body):
-    adapters: list[AdapterItem]
+    adapters: list[AdapterItem] = Field(max_length=MAX_SET)
 
 
 def parse_adapter_set(raw: Any) -> list[AdapterItem]:

@@ -36,6 +36,7 @@ from functools import cached_property
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.native import check_llama_cpp
 from engine.serve import SERVERS, LlamaCppSpec
 from engine.serve.backend import AdapterInfo, AdapterScale, GenerateRequest, Piece, TokenFloor, check_ids
 
@@ -107,6 +108,7 @@ class LlamaCppBackend:
     """
 
     def __init__(self, path: Path, *, context_length: int, threads: int):
+        check_llama_cpp()  # a build that crashes at its first decode is refused with the fix, not a SIGSEGV
         import llama_cpp
 
         _check_gguf_file(path, "serve.gguf")
