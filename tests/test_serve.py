@@ -117,6 +117,16 @@ def start_server(app):
     return url_of(sock), stop
 
 
+def running(app, backend, root: Path):
+    """For a module fixture: ``yield from running(app, backend, root)`` serves, then stops and closes."""
+    url, stop = start_server(app)
+    try:
+        yield Served(url, app, backend, root)
+    finally:
+        stop()
+        backend.close()
+
+
 def serve_files(root: Path, *, api_key: str | None = None, **spec_kw):
     from engine.model import HfSpec as ModelSpec
     from engine.serve import HfSpec
@@ -143,11 +153,7 @@ def files(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(files):
-    app, backend = serve_files(files, queue=1, max_body_bytes=4096)
-    url, stop = start_server(app)
-    yield Served(url, app, backend, files)
-    stop()
-    backend.close()
+    yield from running(*serve_files(files, queue=1, max_body_bytes=4096), files)
 
 
 @pytest.fixture

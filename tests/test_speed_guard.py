@@ -50,6 +50,17 @@ def _assert_same_adapter(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)  # lr 1e-2: a real change moves ~1e-2
 
 
+def _assert_skipped_and_same_as_off(tmp_path, switch: str, why: str, off: str, *overrides: str) -> dict:
+    """With the library broken (by the caller), the run (with ``overrides``) finishes, ``switch`` is
+    reported skipped with ``why`` in its reason, and the adapter equals the run with ``off`` instead."""
+    metrics, adapter = _train(tmp_path, "broken", *overrides)
+    status = metrics["speedups"][switch]
+    assert status.startswith(SKIPPED) and why in status, metrics["speedups"]
+    _, ref_adapter = _train(tmp_path, "off", off)
+    _assert_same_adapter(adapter, ref_adapter)
+    return metrics
+
+
 class _RopeObject:
     """What transformers 5.25 made of ``apply_rotary_pos_emb``: a callable object, not a function
     (``inspect.getsource`` raises on it), computing Llama's rotary embedding."""
@@ -81,12 +92,8 @@ def test_rotary_that_computes_something_else_is_skipped_and_the_run_equals_fused
         return stock(q, k, cos, -sin, unsqueeze_dim=unsqueeze_dim)
 
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", _RopeObject(other_rope))
-    metrics, adapter = _train(tmp_path, "other")
-    status = metrics["speedups"]["fused_rope"]
-    assert status.startswith(SKIPPED) and "differs from the stock code" in status, status
+    _assert_skipped_and_same_as_off(tmp_path, "fused_rope", "differs from the stock code", "train.fused_ops=false")
     assert modeling_llama.apply_rotary_pos_emb.fn is other_rope  # left in place, not patched
-    _, ref_adapter = _train(tmp_path, "off", "train.fused_ops=false")
-    _assert_same_adapter(adapter, ref_adapter)
 
 
 def test_rotary_that_raises_or_is_not_callable_is_skipped(tmp_path, monkeypatch):
@@ -112,11 +119,7 @@ def test_a_norm_with_other_maths_is_skipped_and_the_run_equals_fused_ops_off(tmp
 
     stock_forward = LlamaRMSNorm.forward
     monkeypatch.setattr(LlamaRMSNorm, "forward", lambda self, x: stock_forward(self, x) * 1.5)
-    metrics, adapter = _train(tmp_path, "norm")
-    status = metrics["speedups"]["fused_norms"]
-    assert status.startswith(SKIPPED) and "LlamaRMSNorm output" in status, status
-    _, ref_adapter = _train(tmp_path, "off", "train.fused_ops=false")
-    _assert_same_adapter(adapter, ref_adapter)
+    _assert_skipped_and_same_as_off(tmp_path, "fused_norms", "LlamaRMSNorm output", "train.fused_ops=false")
 
 
 def test_a_changed_peft_lora_layer_is_skipped_and_the_run_equals_adapter_fused_off(tmp_path, monkeypatch):
@@ -128,11 +131,7 @@ def test_a_changed_peft_lora_layer_is_skipped_and_the_run_equals_adapter_fused_o
         return stock(ctx, x, weight, bias, lora_a, lora_b, scaling * 2, p)
 
     monkeypatch.setattr(fused_lora._LoraLinearFn, "forward", staticmethod(wrong))
-    metrics, adapter = _train(tmp_path, "lora")
-    status = metrics["speedups"]["fused_lora"]
-    assert status.startswith(SKIPPED) and "LoRA output" in status, status
-    _, ref_adapter = _train(tmp_path, "off", "adapter.fused=false")
-    _assert_same_adapter(adapter, ref_adapter)
+    _assert_skipped_and_same_as_off(tmp_path, "fused_lora", "LoRA output", "adapter.fused=false")
 
 
 def test_broken_sparse_dropout_is_skipped_and_lora_keeps_torch_dropout(tmp_path, monkeypatch):
@@ -166,10 +165,7 @@ def test_compile_that_fails_is_skipped(tmp_path, monkeypatch):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
 
     monkeypatch.setattr(torch.nn.Module, "compile", no_compiler)
-    metrics, adapter = _train(tmp_path, "compile", "train.compile=true")
-    assert metrics["speedups"]["compile"].startswith(SKIPPED) and "C++ compiler" in metrics["speedups"]["compile"]
-    _, ref_adapter = _train(tmp_path, "off", "train.compile=false")
-    _assert_same_adapter(adapter, ref_adapter)
+    _assert_skipped_and_same_as_off(tmp_path, "compile", "C++ compiler", "train.compile=false", "train.compile=true")
 
 
 def test_heap_tuning_without_glibc_is_off_and_the_run_goes_on(tmp_path, monkeypatch):
