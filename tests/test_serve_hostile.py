@@ -434,3 +434,18 @@ def test_an_adapter_set_of_more_than_16_is_refused_before_anything_loads(served)
     assert served.call("GET", "/lora-adapters").json == [] or all(
         not a["name"].startswith("copy") for a in served.call("GET", "/lora-adapters").json
     )
+
+
+def test_a_uvicorn_without_the_hook_serves_with_its_own_plain_400s(monkeypatch, capsys):
+    """The malformed-HTTP answers subclass uvicorn internals: if a release moves them, the server
+    still starts (uvicorn's own h11 protocol) and says so in one line."""
+    import engine.serve.server as server
+
+    def moved():
+        raise ImportError("cannot import name 'H11Protocol'")
+
+    monkeypatch.setattr(server, "openai_h11", moved)
+    assert server._http_protocol() == "h11"
+    assert "plain-text 400" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert server._http_protocol() is not None and server._http_protocol() != "h11"

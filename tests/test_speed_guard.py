@@ -218,3 +218,20 @@ def test_bf16_autocast_reports_the_fp32_only_nodes_off(tmp_path):
     status = metrics["speedups"]
     for name in ("fused_norms", "fused_rope", "fused_lora"):
         assert status[name].startswith("off") and "autocast" in status[name], status
+
+
+@pytest.mark.slow
+def test_the_default_recipe_on_the_real_model_takes_every_switch_it_asks_for(tmp_path):
+    """The shipped default (SmolLM2-135M, recipe lora_smollm2) through the CLI, as a user runs it,
+    in fp32 (what precision=auto picks on CPUs without native bf16): no switch falls back, and
+    every switch the recipe asks for is on."""
+    from conftest import run_engine
+
+    run = tmp_path / "run"
+    proc = run_engine("train.max_steps=1", "precision=fp32", "stages=[prepare_data,train]", f"hydra.run.dir={run}", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped, running the stock code" not in proc.stdout + proc.stderr
+    status = json.loads((run / "metrics.json").read_text())["train"]["speedups"]
+    for name in ("keep_freed_memory", "fused_norms", "fused_rope", "gap_dropout", "fused_lora"):
+        assert status[name].startswith("on"), f"{name}: {status[name]}"
+    assert status["sdpa_segments"] == "off (no packing)" and status["compile"].startswith("off")

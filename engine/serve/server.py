@@ -76,7 +76,10 @@ def openai_h11():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.bad_request: h11.RemoteProtocolError | None = None
-            parse = self.conn.next_event
+            conn = getattr(self, "conn", None)
+            if not callable(getattr(conn, "next_event", None)):  # another uvicorn: plain answers, still served
+                return
+            parse = conn.next_event
 
             def next_event():  # remember why h11 refused the bytes: uvicorn only says that it did
                 try:
@@ -88,6 +91,12 @@ def openai_h11():
             self.conn.next_event = next_event
 
         def send_400_response(self, msg: str) -> None:
+            try:
+                self._send_openai_400()
+            except Exception:  # uvicorn's internals moved: its own plain-text 400 rather than none
+                super().send_400_response(msg)
+
+        def _send_openai_400(self) -> None:
             e = self.bad_request
             status = getattr(e, "error_status_hint", 400) if e is not None else 400
             if status == 431:
@@ -123,6 +132,21 @@ def openai_h11():
     return OpenAIH11Protocol
 
 
+def _http_protocol():
+    """``openai_h11()`` when this uvicorn has the hook it overrides; else uvicorn's plain h11, with one line.
+
+    The subclass touches uvicorn internals (``H11Protocol.send_400_response``, ``self.conn``): a
+    release that moves them costs the OpenAI shape of the malformed-HTTP answers, never the server."""
+    try:
+        protocol = openai_h11()
+        if not callable(getattr(protocol, "send_400_response", None)):
+            raise AttributeError("H11Protocol has no send_400_response")
+        return protocol
+    except Exception as e:  # an optional nicety may not stop the server
+        print(f"[engine] serve: malformed HTTP gets uvicorn's plain-text 400 ({type(e).__name__}: {e})", flush=True)
+        return "h11"
+
+
 def uvicorn_server(app, *, log_level: str = "warning"):
     """A uvicorn server that stops on SIGTERM / SIGINT and then *returns*.
 
@@ -156,7 +180,7 @@ def uvicorn_server(app, *, log_level: str = "warning"):
         log_level=log_level,
         timeout_graceful_shutdown=GRACE_S,
         access_log=False,
-        http=openai_h11(),
+        http=_http_protocol(),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
     return Server(config)
