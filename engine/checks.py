@@ -57,6 +57,7 @@ def cross_checks(specs: dict[str, Any], top: Any, problems: list[str]) -> None:
         )
 
     _check_stages(specs, stages, problems)
+    _check_lm_eval(specs, stages, problems)
     _check_export(specs, stages, problems)
     _check_serve(specs, stages, problems)
     _check_sweep(specs, stages, problems)
@@ -113,6 +114,18 @@ def _check_stages(specs: dict[str, Any], stages: list[str], problems: list[str])
             problems.append(
                 "stages: archive_documents must come after the training stage (files move only once training on them finished)"
             )
+
+
+def _check_lm_eval(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
+    """lm-eval tasks need the lm-eval package: said before training, not after it (the evaluate stage
+    would otherwise find out once the run's minutes of training are spent)."""
+    lm_eval = getattr(specs.get("eval"), "lm_eval", None)
+    tasks = getattr(lm_eval, "tasks", None)
+    if tasks and "evaluate" in stages and importlib.util.find_spec("lm_eval") is None:
+        problems.append(
+            f"eval.lm_eval.tasks: {list(tasks)} need the lm-eval package, which is not installed; "
+            "`pip install -r requirements.txt .` installs it (or pip install lm-eval==0.4.13), or set eval.lm_eval.tasks=[]"
+        )
 
 
 def _check_sweep(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:

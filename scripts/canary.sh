@@ -19,7 +19,7 @@ WRITE=0
 VENV=${CANARY_VENV:-/tmp/engine-canary}
 LOCK=requirements/lock.txt
 TORCH=${TORCH:-$(sed -n 's/^torch==//p' "$LOCK")}
-EXTRAS="dev,quant,bench,eval,export,loggers,sweep,cluster"
+EXTRAS="dev,quant,bench,export,loggers,sweep,cluster"
 
 rm -rf "$VENV"
 python3 -m venv "$VENV"

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, compose
 
+from engine.runtime import cpu_has_native_bf16
+
 sys.path.insert(0, str(ROOT / "bench"))
 import run as bench  # noqa: E402  (bench/run.py: a script, not a package)
 
@@ -49,7 +51,8 @@ def test_every_run_record_has_the_fields(smoke):
         assert rec["real_tokens"] > 0 and rec["padded_tokens"] >= rec["real_tokens"]
         assert 0 < rec["padding_efficiency"] <= 1
         assert rec["real_tokens_per_s"] > 0 and rec["time_to_first_step_s"] > 0 and rec["peak_rss_mb"] > 0
-        assert rec["precision"] == "fp32"
+        # engine's precision=auto is bf16 on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere
+        assert rec["precision"] == ("bf16" if rec["arm"] == "engine" and cpu_has_native_bf16() else "fp32")
         assert rec["flops"]["achieved_gflops"] > 0 and 0 < rec["flops"]["fraction"]
 
 

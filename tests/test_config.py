@@ -145,3 +145,15 @@ def test_hydra_searchpath_is_composed_like_the_real_run(tmp_path):
     (tmp_path / "recipe" / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - override /model: tiny\nseed: 5\n")
     cfg = compose([f"hydra.searchpath=[file://{tmp_path}]", "recipe=mine"])
     assert cfg.recipe == "mine" and cfg.seed == 5
+
+
+def test_lm_eval_tasks_without_lm_eval_are_refused_before_training(monkeypatch):
+    """The default recipe's multiple-choice task needs lm-eval: said at validation (exit 2), not after
+    the training minutes are spent (found in a fresh `pip install .` that lacked it)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"eval.lm_eval.tasks: \['envsci_mc'\] need the lm-eval package"):
+        compose([])
+    compose(["eval.lm_eval.tasks=[]"])  # without tasks the run needs no lm-eval

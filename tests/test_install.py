@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import zipfile
 from pathlib import Path
@@ -163,14 +164,20 @@ def test_pip_install_runs_from_an_empty_directory(tmp_path):
     """A non-editable install into a fresh venv, then both entry points from an empty dir.
 
     The wheel is what ``pip install .`` builds (built here, offline; a fresh venv's own
-    setuptools is too old to build it). The venv sees the system site-packages so torch & co.
-    are not downloaded again (``--no-deps``); engine itself comes only from the venv, which
-    the test checks.
+    setuptools is too old to build it). The venv sees this interpreter's site-packages through a
+    .pth file (works whether the tests run in a venv or not) so torch & co. are not downloaded
+    again (``--no-deps``); engine itself comes only from the venv, which the test checks.
     """
     wheel, _ = build_wheel(tmp_path)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python, script = venv / "bin" / "python", venv / "bin" / "engine"
+    # The installed packages of *this* interpreter (a venv's or the system's): a .pth line each,
+    # after the new venv's own site-packages, so engine itself comes only from the new venv.
+    here = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    ask = [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+    site = subprocess.run(ask, capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "zz_test_deps.pth").write_text("".join(f"{p}\n" for p in sorted(here)))
     install = [str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)]
     subprocess.run(install, check=True, capture_output=True, timeout=600)
 

@@ -83,7 +83,9 @@ def test_qlora_smollm2_on_cpu_is_4bit_small_and_learns(tmp_path):
     del q4, fp32
 
     run_dir = tmp_path / "run"
-    proc = run_engine("recipe=qlora_smollm2", "train.max_steps=20", "stages=[prepare_data,train]", f"hydra.run.dir={run_dir}")
+    proc = run_engine(
+        "recipe=qlora_smollm2", "train.max_steps=20", "stages=[prepare_data,train]", f"hydra.run.dir={run_dir}", timeout=1500
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 20
