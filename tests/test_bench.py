@@ -53,7 +53,8 @@ def test_every_run_record_has_the_fields(smoke):
         assert rec["real_tokens_per_s"] > 0 and rec["time_to_first_step_s"] > 0 and rec["peak_rss_mb"] > 0
         # engine's precision=auto is bf16 on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere
         assert rec["precision"] == ("bf16" if rec["arm"] == "engine" and cpu_has_native_bf16() else "fp32")
-        assert rec["flops"]["achieved_gflops"] > 0 and 0 < rec["flops"]["fraction"]
+        # the tiny model against a bf16 matmul rate of ~1.5 TFLOP/s rounds to a fraction of 0.0
+        assert rec["flops"]["achieved_gflops"] > 0 and 0 <= rec["flops"]["fraction"] <= 1
 
 
 @pytest.mark.slow
