@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT
 
 # Import name -> distribution, for what may not be installed on the machine running the tests.
-NOT_INSTALLED_HERE = {"fpdf": "fpdf2"}
+NOT_INSTALLED_HERE = {"fpdf": "fpdf2", "bitsandbytes": "bitsandbytes"}  # extras a dev venv may lack
 
 
 def _norm(name: str) -> str:
