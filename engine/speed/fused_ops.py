@@ -35,7 +35,7 @@ import sys
 import torch
 from torch import nn
 
-from engine.speed.guard import CheckFailed, assert_close
+from engine.speed.guard import CheckFailed, Switches, assert_close, passing
 
 # RMSNorm classes whose forward is Llama's: weight * (x * rsqrt(mean(x^2) + eps)) in fp32.
 # (Gemma's uses 1 + weight and is not here.)
@@ -212,7 +212,7 @@ def fused_rope(model: nn.Module, modules: list | None = None):
     layers whose rotary function passes ``check_rope``) apply rotary embeddings with ``_RopeFn``."""
     found = rope_functions(model)
     if modules is None:
-        modules = [m for m, fn in found.items() if _passes(check_rope, fn)]
+        modules = passing(Switches(quiet=True), "fused_rope", found, check_rope)
     patched = []
     for module in modules:
         fn = found.get(module)
@@ -224,12 +224,3 @@ def fused_rope(model: nn.Module, modules: list | None = None):
     finally:
         for module, fn in patched:
             module.apply_rotary_pos_emb = fn
-
-
-def _passes(check, *args) -> bool:
-    try:
-        with torch.random.fork_rng(devices=[]):
-            check(*args)
-        return True
-    except Exception:  # a failed check only means: leave this one alone
-        return False

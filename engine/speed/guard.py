@@ -96,3 +96,9 @@ def attempt(switches: Switches, name: str, check: Callable[[], None], apply: Cal
     except Exception as error:  # a speed-up may never stop a run
         switches.skip(name, reason(error))
     return None
+
+
+def passing(switches: Switches, name: str, candidates: dict, check: Callable[[object], None]) -> list:
+    """The keys of ``candidates`` whose value passes ``check`` (each through ``attempt``: a
+    failure is recorded under ``name`` and skips only that candidate)."""
+    return [key for key, value in candidates.items() if attempt(switches, name, lambda v=value: check(v), lambda: True)]
