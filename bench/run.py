@@ -513,12 +513,10 @@ def length_stats(lengths: list[int]) -> dict:
 def run_engine_arm(overrides: list[str], run_dir: Path) -> dict:
     """engine's own path: compose + validate exactly as the CLI does, then the stage pipeline."""
     import engine.train.loop as trainer_mod
-    from engine.cli import compose_and_validate
-    from engine.config import register_resolvers
+    from engine.config import load
     from engine.pipeline import run
 
-    register_resolvers()
-    cfg = compose_and_validate(overrides, CONF)
+    cfg = load(overrides, str(CONF))
     meter = StepMeter()
     _meter_engine_batches(trainer_mod, meter)
     ctx = run(cfg, run_dir)
@@ -552,15 +550,13 @@ def run_trl_arm(overrides: list[str], sft_overrides: dict, run_dir: Path) -> dic
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from engine.cli import compose_and_validate
-    from engine.config import register_resolvers
+    from engine.config import load
     from engine.data import prepare
     from engine.model import MODELS as MODEL_REGISTRY
     from engine.quantization import QUANTIZATIONS
     from engine.runtime import resolve_device
 
-    register_resolvers()
-    cfg = compose_and_validate(overrides, CONF)
+    cfg = load(overrides, str(CONF))
     torch.manual_seed(cfg.seed)
     model, tokenizer = MODEL_REGISTRY.build(cfg.model, quantization_config=QUANTIZATIONS.build(cfg.quantization), progress=False)
     data = prepare(cfg.data, tokenizer, seed=cfg.seed)

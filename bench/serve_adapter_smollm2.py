@@ -130,8 +130,7 @@ def main() -> None:
     from engine.export.gguf import write_lora_gguf
     from engine.export.merge import find_trained, load_trained
     from engine.model import convert_gguf_once, gguf_path
-    from engine.serve import LlamaCppSpec
-    from engine.serve.backends.llamacpp import build_llamacpp
+    from engine.serve.backends.llamacpp import LlamaCppSpec, load_llamacpp
 
     run_dir = (args.run_dir or newest_run()).resolve()
     model_spec, quant_spec, data_spec, raw = specs(run_dir)
@@ -148,7 +147,7 @@ def main() -> None:
         lora = write_lora_gguf(trained, json.loads((base_dir / "config.json").read_text()), Path(tmp) / "adapter-lora.gguf")
         spec = LlamaCppSpec(kind="llamacpp", context_length=1024, threads=args.threads)
         t0 = time.perf_counter()
-        backend = build_llamacpp(spec, gguf_path=base_gguf, adapter_paths={ADAPTER: lora})
+        backend = load_llamacpp(spec, gguf_path=base_gguf, adapter_paths={ADAPTER: lora})
         load_served = time.perf_counter() - t0
         try:
             vocab = backend._llm._model.vocab

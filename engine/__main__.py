@@ -1,9 +1,8 @@
 """``python -m engine [overrides]`` and the ``engine`` console script: one ``main`` for both.
 
-compose -> validate -> freeze -> launch: Hydra composes the config (and handles ``-m``
-sweeps, ``--cfg``, run dirs and launchers). Before Hydra starts, ``engine.cli.prepare``
-composes the command line once with the same search path and checks it, so a typo, a wrong
-type or a bad value exits with status 2 and a short message instead of a traceback.
+compose -> validate -> freeze -> launch lives in engine/cli.py; this file only does what must
+happen before anything is imported: the huge-page restart, the tokenizer-threads default and
+the ``engine sweep DIR`` sub-command.
 """
 
 from __future__ import annotations
@@ -13,39 +12,24 @@ import sys
 
 
 def main() -> None:
-    """The whole program. Both entry points call exactly this, so they behave the same: the
-    huge-page restart and the tokenizer-threads default happen here, not in ``__main__`` only."""
-    relaunch_with_huge_pages()
+    """The whole program. Both entry points call exactly this, so they behave the same."""
+    argv = sys.argv[1:]
+    if not _answers_only(argv):
+        relaunch_with_huge_pages()
     # Tokenizers' own thread pool fights the training threads and warns after a fork.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if sys.argv[1:2] == ["sweep"]:  # `engine sweep DIR`: the same as `python -m engine.sweep DIR`
+    if argv[:1] == ["sweep"]:  # `engine sweep DIR`: the same as `python -m engine.sweep DIR`
         from engine.sweep.__main__ import main as sweep_main
 
-        sys.exit(sweep_main(sys.argv[2:]))
-    from engine.cli import prepare
+        sys.exit(sweep_main(argv[1:]))
+    from engine.cli import main as cli_main
 
-    sys.argv = [sys.argv[0], *prepare(sys.argv[1:])]
-    try:
-        _hydra_main()
-    finally:
-        from engine.sweep.__main__ import after_multirun
-
-        code = after_multirun()
-    sys.exit(code)
+    sys.exit(cli_main(argv))
 
 
-def _hydra_main() -> None:
-    import hydra
-
-    from engine.cli import CONF_DIR
-
-    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-    def task(cfg) -> float | None:
-        from engine.cli import run_task
-
-        return run_task(cfg)  # a sweep job's objective, for Hydra's sweeper
-
-    task()
+def _answers_only(argv: list[str]) -> bool:
+    """``--help`` / ``--cfg``: nothing runs, so the heap setting would change nothing but the wait."""
+    return any(a in ("--help", "-h", "--cfg", "-c") or a.startswith("--cfg=") for a in argv)
 
 
 def relaunch_with_huge_pages() -> None:

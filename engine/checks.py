@@ -50,11 +50,11 @@ def cross_checks(specs: dict[str, Any], top: Any, problems: list[str]) -> None:
         )
 
     train = specs.get("train")
-    if train is not None and train.optimizer != "adamw" and _resolved_device(device) != "cuda":
-        problems.append(
-            f"train.optimizer: {train.optimizer} (bitsandbytes) needs a CUDA GPU; this run is on "
-            f"{_resolved_device(device)}: use train.optimizer=adamw"
-        )
+    if train is not None:
+        from engine.train.spec import optimizer_problem
+
+        if why := optimizer_problem(train.optimizer, _resolved_device(device)):
+            problems.append(why)
 
     _check_stages(specs, stages, problems)
     _check_lm_eval(specs, stages, problems)
@@ -88,10 +88,12 @@ def _resolved_device(device: str) -> str:
 
 
 def _check_stages(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
-    """Stage-order rules: evaluate needs trained weights from this run or from eval.run_dir."""
+    """Stage-order rules: what a stage needs comes earlier; evaluate needs trained weights from this run
+    or from eval.run_dir."""
     from engine.stages import STAGES
 
     known = [s for s in stages if s in STAGES]
+    _check_needs(known, problems)
     trains = [s for s in known if "trains" in STAGES.get(s).traits]
     ev, adapter = specs.get("eval"), specs.get("adapter")
     if "evaluate" in known and ev is not None and adapter is not None:
@@ -114,6 +116,58 @@ def _check_stages(specs: dict[str, Any], stages: list[str], problems: list[str])
             problems.append(
                 "stages: archive_documents must come after the training stage (files move only once training on them finished)"
             )
+
+
+NEEDS = {
+    "data": "prepared data (ctx.data)",
+    "merged": "the merged model (run_dir/merged)",
+    "index": "the retrieval index (ctx.retrieval)",
+}
+"""What a ``needs:X`` / ``gives:X`` stage trait means, in the words a stage-order problem uses."""
+
+
+def _check_needs(known: list[str], problems: list[str]) -> None:
+    """Every ``needs:X`` trait has a ``gives:X`` stage earlier in the list: no stage runs another, so the
+    recipe's stage list is all that runs. One problem per missing X, with the list that works."""
+    from engine.stages import STAGES
+
+    reported: set[str] = set()
+    for i, stage in enumerate(known):
+        for need in sorted(t.split(":", 1)[1] for t in STAGES.get(stage).traits if t.startswith("needs:")):
+            if need in reported or any(f"gives:{need}" in STAGES.get(s).traits for s in known[:i]):
+                continue
+            reported.add(need)
+            givers = [k for k in STAGES.keys() if f"gives:{need}" in STAGES.get(k).traits]
+            what = NEEDS.get(need, need)
+            if not givers:
+                problems.append(f"stages: {stage} needs {what}, but no registered stage gives it (trait 'gives:{need}')")
+                continue
+            fixed = [*known[:i], givers[0], *(s for s in known[i:] if s != givers[0])]
+            problems.append(f"stages: {stage} needs {what}: put {givers[0]} before it, e.g. stages=[{','.join(fixed)}]")
+
+
+def stages_as_ran(stages: list[str]) -> list[str]:
+    """A recorded stage list as it ran: before stages declared their needs, a stage ran what it needed
+    on its way (prepare_data, merge) when the list left it out, and build_index ran before prepare_data.
+    ``eval.run_dir`` reads such records; their lists are upgraded, as their missing groups get defaults."""
+    from engine.stages import STAGES
+
+    def gives(stage: str) -> set[str]:
+        traits = STAGES.get(stage).traits if stage in STAGES else frozenset()
+        return {t.split(":", 1)[1] for t in traits if t.startswith("gives:")}
+
+    moved = "build_index" in stages and "prepare_data" in stages  # it goes right after prepare_data
+    out: list[str] = []
+    for stage in [s for s in stages if not (moved and s == "build_index")]:
+        traits = STAGES.get(stage).traits if stage in STAGES else frozenset()
+        for need in sorted(t.split(":", 1)[1] for t in traits if t.startswith("needs:")):
+            if not any(need in gives(s) for s in out):
+                out += [k for k in STAGES.keys() if need in gives(k)][:1]
+        if stage not in out:
+            out.append(stage)
+        if stage == "prepare_data" and moved:
+            out.append("build_index")
+    return out
 
 
 def _check_lm_eval(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
@@ -198,7 +252,13 @@ def _check_serve(specs: dict[str, Any], stages: list[str], problems: list[str]) 
 
 
 def _check_retrieval(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
-    """build_index needs an index kind; passages go into prompts only where the data has prompts."""
+    """build_index needs an index kind; passages go into prompts only where the data has prompts.
+
+    With eval.run_dir the retrieval and data groups are that run's: checked once it is read (evaluated_run)."""
+    from engine.data.templates import templated
+
+    if getattr(specs.get("eval"), "run_dir", None):
+        return
     retrieval, data = specs.get("retrieval"), specs.get("data")
     off = retrieval is None or retrieval.kind == "none"
     if "build_index" in stages and retrieval is not None and off:
@@ -206,11 +266,48 @@ def _check_retrieval(specs: dict[str, Any], stages: list[str], problems: list[st
             "stages: build_index builds the retrieval index, but retrieval is none; choose an index kind, "
             "e.g. retrieval=flat_ip (or flat_l2, hnsw, ivf_pq), or drop build_index from stages"
         )
-    if not off and retrieval.k > 0 and data is not None and data.kind in ("text", "documents"):
+    if not off and retrieval.k > 0 and data is not None and not templated(data.kind):
         problems.append(
             f"retrieval.k: {retrieval.k} passages would go into each prompt, but data kind '{data.kind}' has no prompt "
             "(every token is trained on); use retrieval.k=0 (build and score the index only) or retrieval=none"
         )
+    if not off:
+        _check_index_order(retrieval, stages, problems)
+
+
+def _check_index_order(retrieval: Any, stages: list[str], problems: list[str]) -> None:
+    """build_index puts the passages into the prepared prompts: after prepare_data (when it reads the data),
+    before every stage that reads them; with retrieval on and data prepared, it must be listed."""
+    from engine.retrieval.run import needs_examples
+    from engine.stages import STAGES
+
+    known = [s for s in stages if s in STAGES]
+    gives = [i for i, s in enumerate(known) if "gives:data" in STAGES.get(s).traits]
+    readers = [s for s in known if "needs:data" in STAGES.get(s).traits]
+    plain = [s for s in known if s != "build_index"]  # the list that works: build_index right after prepare_data
+    g = next((i for i, s in enumerate(plain) if "gives:data" in STAGES.get(s).traits), None)
+    if g is None:
+        plain, g = ["prepare_data", *plain], 0
+    fixed = ",".join([*plain[: g + 1], "build_index", *plain[g + 1 :]])
+    if "build_index" not in known:
+        if gives or readers:
+            problems.append(
+                f"stages: retrieval={retrieval.kind} puts passages into the prompts in the build_index stage, which is not "
+                f"listed; add it after prepare_data, e.g. stages=[{fixed}] (or use retrieval=none)"
+            )
+        return
+    index = known.index("build_index")
+    early = [s for s in readers if known.index(s) < index]
+    if early:
+        problems.append(
+            f"stages: {early[0]} runs before build_index, so it would not see the retrieved passages; put build_index "
+            f"right after prepare_data, e.g. stages=[{fixed}]"
+        )
+    why = "indexes the training split (retrieval.corpus=examples)" if needs_examples(retrieval) else None
+    if retrieval.k > 0:
+        why = f"puts retrieval.k={retrieval.k} passages into each prepared prompt"
+    if why and not any(i < index for i in gives):
+        problems.append(f"stages: build_index {why}: put prepare_data before it, e.g. stages=[{fixed}]")
 
 
 def _check_grpo(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
@@ -219,6 +316,8 @@ def _check_grpo(specs: dict[str, Any], stages: list[str], problems: list[str]) -
     if "train_grpo" not in stages:
         return
     from pathlib import Path
+
+    from engine.data.templates import templated
 
     reward, grpo, adapter, data = specs.get("reward"), specs.get("grpo"), specs.get("adapter"), specs.get("data")
     if reward is not None and reward.kind == "none":
@@ -233,7 +332,7 @@ def _check_grpo(specs: dict[str, Any], stages: list[str], problems: list[str]) -
             "off; adapter=none trains every weight, so there is no reference without a second model copy. Use "
             "adapter=lora, or grpo.beta=0 (no KL term)"
         )
-    if data is not None and data.kind in ("text", "documents"):
+    if data is not None and not templated(data.kind):
         problems.append(
             f"data: train_grpo samples answers to prompts, but data kind '{data.kind}' has no prompt (every token is "
             "text); use a data kind with prompts and answers, e.g. data=env_numeric (qa) or data=env_science_chat (chat)"
@@ -328,6 +427,7 @@ def evaluated_run(cfg, validate):
     raw.setdefault("serve", cfg.raw.get("serve"))  # runs from before the serve group
     raw.setdefault("retrieval", {"kind": "none"})  # runs from before the retrieval group: they retrieved nothing
     raw.setdefault("reward", {"kind": "none"})  # runs from before the reward group
+    raw["stages"] = stages_as_ran(list(raw.get("stages") or []))  # runs from before stages declared their needs
     try:
         old = validate(raw)
     except UserError as e:
@@ -353,6 +453,13 @@ def evaluated_run(cfg, validate):
         raise ConfigError(
             f"eval.run_dir: {cfg.eval.run_dir} has no trained weights (adapter/, adapter/level_K of a layered run, "
             "or model/); did its train stage finish?"
+        )
+    problems: list[str] = []  # its retrieval (or none) with this run's stages: build_index listed exactly when it retrieved
+    _check_retrieval({"retrieval": old.retrieval, "data": old.data}, list(cfg.stages), problems)
+    if problems:
+        alone = " (or use retrieval=none)"  # not here: the retrieval group is that run's
+        raise ConfigError(
+            [f"eval.run_dir: that run's retrieval is '{old.retrieval.kind}'; {p.replace(alone, '')}" for p in problems]
         )
     return dataclasses.replace(
         old,

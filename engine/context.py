@@ -11,9 +11,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.files import write_json_atomic
+from engine.speed.imports import lean_call
+
+if TYPE_CHECKING:  # the specs' packages sit below this layer only for type checkers
+    from accelerate import Accelerator
+
+    from engine.data import DataBundle
+    from engine.data.spec import DataSpec
+    from engine.evaluate.spec import EvalSpec
+    from engine.export import GgufExportSpec
+    from engine.loss.ce import CESpec
+    from engine.model import ModelSpec
+    from engine.registry import Spec
+    from engine.retrieval.run import RetrievalState
+    from engine.rl.spec import GrpoSpec
+    from engine.serve import ServeSpec
+    from engine.sweep.spec import SweepSpec
+    from engine.train.spec import TrainSpec
 
 
 @dataclass(frozen=True)
@@ -23,7 +40,7 @@ class EvaluatedRun:
     path: Path
     adapter_dir: Path | None
     """Its PEFT adapter (loaded onto the base), or None after a full fine-tune."""
-    base_model: Any = None
+    base_model: ModelSpec | None = None
     """After a full fine-tune: the original base's spec (the ``base`` variant of the comparison)."""
 
 
@@ -37,25 +54,27 @@ class RunConfig:
     seed: int
     device: str
     precision: str
-    model: Any
-    quantization: Any
-    adapter: Any
-    loss: Any
-    data: Any
-    train: Any
-    eval: Any
+    model: ModelSpec
+    quantization: Spec
+    """NoQuantSpec, FourBitSpec or Int8Spec (engine/quantization/): ``kind`` says which."""
+    adapter: Spec
+    """NoAdapterSpec or a LoraSpec (lora, dora, rslora, layered) (engine/adapter/)."""
+    loss: CESpec
+    data: DataSpec
+    train: TrainSpec
+    eval: EvalSpec
     raw: dict
-    export: Any = None
+    export: GgufExportSpec | None = None
     """What leaves Python after training (engine/export/): formats and parity thresholds."""
-    serve: Any = None
+    serve: ServeSpec | None = None
     """The HTTP server of the serve stage (engine/serve/): backend, address, key, adapter dirs."""
-    retrieval: Any = None
+    retrieval: Spec | None = None
     """The retrieval index and how its passages enter prompts (engine/retrieval/); kind none = off."""
-    sweep: Any = None
+    sweep: SweepSpec | None = None
     """What a multirun optimises and plots (engine/sweep/spec.py); read by the sweep job wrapper only."""
-    reward: Any = None
+    reward: Spec | None = None
     """What a generated answer is worth (engine/reward/): train_grpo and the Gymnasium environment read it."""
-    grpo: Any = None
+    grpo: GrpoSpec | None = None
     """How train_grpo samples and updates (engine/rl/spec.py); the optimizer and length are train's."""
     evaluated_run: EvaluatedRun | None = None
 
@@ -69,13 +88,13 @@ class RunContext:
     """The validated config; read-only (stages that need a variant pass it to a package)."""
     run_dir: Path
     """Where everything this run writes goes; read-only."""
-    accelerator: Any
+    accelerator: Accelerator
     metrics: dict = field(default_factory=dict)
     """Every stage's metrics so far, nested by stage name (mirrors metrics.json)."""
-    data: Any = None
-    """The prepared ``DataBundle`` (set by prepare_data)."""
-    retrieval: Any = None
-    """The loaded index and each split with and without passages (set by build_index or prepare_data)."""
+    data: DataBundle | None = None
+    """The prepared data (set by prepare_data)."""
+    retrieval: RetrievalState | None = None
+    """The loaded index and each split with and without passages (set by build_index)."""
     _model: Any = None
     _tokenizer: Any = None
 
@@ -105,11 +124,19 @@ class RunContext:
             from engine.adapter import build_for_run
 
             evaluated = self.cfg.evaluated_run
-            self._model, self._tokenizer = build_for_run(
-                self.cfg.model,
-                self.cfg.quantization,
-                self.cfg.adapter,
-                adapter_dir=evaluated.adapter_dir if evaluated else None,
-                progress=self.is_main,
-            )
+            cfg = self.cfg
+
+            def build():
+                return build_for_run(
+                    cfg.model,
+                    cfg.quantization,
+                    cfg.adapter,
+                    adapter_dir=evaluated.adapter_dir if evaluated else None,
+                    progress=self.is_main,
+                )
+
+            # The first import of transformers and peft happens here: without what this run never uses.
+            (self._model, self._tokenizer), notice = lean_call(build, quantized=cfg.quantization.kind != "none")
+            if notice and self.is_main:
+                print(notice, flush=True)
         return self._model

@@ -1,32 +1,43 @@
-"""Run a validated config: make the run dir's context, run the stages in order, summarise."""
+"""Execute a frozen run: read run_dir/config.yaml, make the run's context, run its stages in order.
+
+Why from the file: the command line was composed and validated once, by the CLI, which froze the
+result into config.yaml (engine/config/record.py); every process that executes the run (the
+CLI's own, each rank under ``accelerate launch``, each sweep job) reads that record, so all of
+them run exactly what was recorded. ``run`` is the programmatic door (tests, bench): freeze a
+validated config, then execute it the same way.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from engine.config import record
 from engine.context import RunConfig, RunContext
 from engine.lock import holding
+from engine.stages import STAGES
 
 
 def run(cfg: RunConfig, run_dir: Path) -> RunContext:
+    """Freeze a validated config into ``run_dir`` and execute it (one process)."""
+    with holding(run_dir):
+        record.freeze(cfg, Path(run_dir))
+        return execute(run_dir)
+
+
+def execute(run_dir: Path) -> RunContext:
+    """Run the stages of ``run_dir/config.yaml`` (every rank of a launch calls this)."""
     from engine.runtime import make_accelerator
 
+    cfg = record.read(run_dir)
     accelerator = make_accelerator(cfg.device, cfg.precision)
     # One process per run dir, for the whole run (rank 0 only: the ranks of one launch share it).
     with holding(run_dir, enabled=accelerator.is_main_process):
-        return _run_stages(cfg, run_dir, accelerator)
+        return _run_stages(cfg, Path(run_dir), accelerator)
 
 
 def _run_stages(cfg: RunConfig, run_dir: Path, accelerator) -> RunContext:
-    from engine.stages import STAGES
-
     ctx = RunContext(cfg=cfg, run_dir=run_dir, accelerator=accelerator)
-    # Before any stage runs: decide resume (a changed config is refused before config.yaml,
-    # the frozen record of what this run is, is rewritten), then rank 0 writes config.yaml.
-    from engine.train.checkpoint import prepare_run_dir
-
-    prepare_run_dir(cfg, run_dir, accelerator)
     _seed(cfg.seed)
     for name in cfg.stages:
         t0 = time.perf_counter()

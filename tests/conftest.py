@@ -36,13 +36,10 @@ QUICK_TRAIN = [
 
 
 def compose(overrides: list[str], check: bool = True):
-    """Compose conf/ with Hydra's compose API (as the CLI does) and validate."""
-    from engine.cli import compose_and_validate
-    from engine.config import register_resolvers
+    """Compose conf/ through the front door (as the CLI does) and validate."""
+    from engine.config import load
 
-    register_resolvers()
-    argv = [*overrides]
-    return compose_and_validate(argv, CONF, check=check)
+    return load([*overrides], str(CONF), check=check)
 
 
 def run_engine(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

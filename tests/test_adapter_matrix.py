@@ -111,6 +111,7 @@ def test_adapter_rows_answer_differently_from_the_base_and_as_their_set_does(res
 def test_matrix_files_and_report_section(result, tmp_path):
     from engine.report import Scales, write_report
     from engine.serve.matrix import write_matrix
+    from engine.stages.report import what_ran
 
     job, out = result
     about = {"backend": "hf", "model": "tiny", "split": "test", "held_out": 3, "suites": ["tiny_format"]}
@@ -126,7 +127,7 @@ def test_matrix_files_and_report_section(result, tmp_path):
     assert len((tmp_path / "adapter_matrix.jsonl").read_text().splitlines()) == len(out["answers"])
 
     cfg = compose(["recipe=adapter_matrix_smollm2", "model=tiny"])
-    write_report(tmp_path, cfg, {}, Scales())
+    write_report(tmp_path, what_ran(cfg), {}, Scales())
     md = (tmp_path / "report.md").read_text()
     section = md.split("## Adapter QA matrix", 1)[1].split("\n## ", 1)[0]
     header = next(line for line in section.splitlines() if line.startswith("| row"))

@@ -27,11 +27,10 @@ from engine.serve.backend import AdapterScale, GenerateRequest
 
 def tiny_backend(adapters: dict[str, Path], context_length: int = 256):
     from engine.model import TinySpec
-    from engine.serve import HfSpec
-    from engine.serve.backends.hf import build_hf
+    from engine.serve.backends.hf import HfSpec, load_hf
 
     spec = HfSpec(kind="hf", device="cpu", context_length=context_length)
-    return build_hf(spec, model_spec=TinySpec(kind="tiny"), adapter_paths=adapters)
+    return load_hf(spec, model_spec=TinySpec(kind="tiny"), adapter_paths=adapters)
 
 
 class Recorded:

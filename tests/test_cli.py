@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import CONF, ROOT, TINY, compose, run_engine
+from conftest import ROOT, TINY, compose, run_engine
 
 from engine.errors import ConfigError
 
@@ -157,26 +157,3 @@ def test_console_script_main_does_what_python_m_engine_does(tmp_path):
 
     if huge_pages_env({}) is not None:  # this machine gains from the huge-page heap: both restarted with it
         assert "glibc.malloc.hugetlb=1" in outs[0]
-
-
-def test_precheck_pins_the_run_dir_it_locked(tmp_path):
-    from engine.cli import precheck
-    from engine.lock import release
-
-    argv = precheck([*TINY, f"hydra.run.dir={tmp_path}/run_${{now:%H%M%S}}"], CONF)
-    pinned = [a for a in argv if a.startswith("hydra.run.dir=")]
-    assert len(pinned) == 1 and "${now" not in pinned[0]
-    run_dir = Path(pinned[0].split("=", 1)[1])
-    assert (run_dir / ".lock").read_text().split()[0] == str(os.getpid())
-    release(run_dir)
-    assert (run_dir / ".lock").read_text() == ""
-
-
-@pytest.mark.parametrize("path", ["/tmp/a b/run", "/tmp/x=y,z", "/tmp/it's", "outputs/r/2026-01-01_10-00-00"])
-def test_pinned_run_dir_reads_back_unchanged(path):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from engine.cli import _override_value
-
-    (override,) = OverridesParser.create().parse_overrides([f"hydra.run.dir={_override_value(path)}"])
-    assert override.value() == path

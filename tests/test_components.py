@@ -71,7 +71,8 @@ def test_two_steps_train_exactly_the_intended_parameters(quant, adapter, loss, t
     from engine.data.collate import Batches
     from engine.loss import LOSSES as LOSS_REGISTRY
     from engine.loss import forward_loss
-    from engine.train.loop import TrainJob, train
+    from engine.train import train
+    from engine.train.job import TrainJob
 
     cfg = compose(overrides(quant, adapter, loss))
     ctx = make_context(cfg, tmp_path / "run")
@@ -83,7 +84,19 @@ def test_two_steps_train_exactly_the_intended_parameters(quant, adapter, loss, t
         assert any(isinstance(m, linear) for m in model.modules()), f"no {linear.__name__} layer"
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    metrics = train(TrainJob(ctx.cfg, ctx.run_dir, ctx.accelerator, model, ctx.tokenizer(), ctx.data))
+    job = TrainJob(
+        run_dir=ctx.run_dir,
+        accelerator=ctx.accelerator,
+        model=model,
+        tokenizer=ctx.tokenizer(),
+        data=ctx.data,
+        train=cfg.train,
+        loss=cfg.loss,
+        seed=cfg.seed,
+        model_spec=cfg.model,
+        config=cfg.raw,
+    )
+    metrics = train(job)
     assert metrics["steps"] == 2
     assert metrics["final_loss"] is not None and metrics["final_loss"] == metrics["final_loss"]  # not NaN
 

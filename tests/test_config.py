@@ -121,6 +121,41 @@ def test_cli_exits_2_without_traceback(args, key):
     assert "'max_steps'" not in proc.stderr, "the message must not dump the whole group"
 
 
+@pytest.mark.parametrize(
+    ("stages", "says"),
+    [
+        (
+            "[evaluate,report]",
+            "stages: evaluate needs prepared data (ctx.data): put prepare_data before it, "
+            "e.g. stages=[prepare_data,evaluate,report]",
+        ),
+        (
+            "[train,prepare_data,evaluate]",
+            "stages: train needs prepared data (ctx.data): put prepare_data before it, e.g. stages=[prepare_data,train,evaluate]",
+        ),
+        ("[preview_data]", "stages: preview_data needs prepared data (ctx.data): put prepare_data before it"),
+        (
+            "[prepare_data,train,export_gguf]",
+            "stages: export_gguf needs the merged model (run_dir/merged): put merge before it, "
+            "e.g. stages=[prepare_data,train,merge,export_gguf]",
+        ),
+    ],
+)
+def test_what_a_stage_needs_comes_earlier_in_the_list(stages, says):
+    """No stage runs another: the stage list is all that runs, so a missing or late prerequisite is refused."""
+    with pytest.raises(ConfigError) as err:
+        compose(["model=tiny", f"stages={stages}"])
+    assert err.value.exit_code == 2 and says in str(err.value), str(err.value)
+
+
+def test_every_needed_trait_is_given_by_a_registered_stage():
+    from engine.stages import STAGES
+
+    traits = {t for key in STAGES.keys() for t in STAGES.get(key).traits}
+    needed = {t.split(":", 1)[1] for t in traits if t.startswith("needs:")}
+    assert needed and {n for n in needed if f"gives:{n}" not in traits} == set()
+
+
 @needs_bnb  # recipe qlora_phi2 quantizes
 def test_cli_prints_composed_config():
     proc = run_engine("recipe=qlora_phi2", "--cfg", "job")
@@ -157,3 +192,13 @@ def test_lm_eval_tasks_without_lm_eval_are_refused_before_training(monkeypatch):
     with pytest.raises(ConfigError, match=r"eval.lm_eval.tasks: \['envsci_mc'\] need the lm-eval package"):
         compose([])
     compose(["eval.lm_eval.tasks=[]"])  # without tasks the run needs no lm-eval
+
+
+def test_a_recorded_stage_list_is_read_as_it_ran():
+    """eval.run_dir reads runs recorded before stages declared their needs: their lists left out what ran on the way."""
+    from engine.checks import stages_as_ran
+
+    assert stages_as_ran(["train", "evaluate"]) == ["prepare_data", "train", "evaluate"]
+    assert stages_as_ran(["build_index", "prepare_data", "train"]) == ["prepare_data", "build_index", "train"]
+    assert stages_as_ran(["export_gguf", "check_export"]) == ["merge", "export_gguf", "prepare_data", "check_export"]
+    assert stages_as_ran(["prepare_data", "train", "evaluate", "report"]) == ["prepare_data", "train", "evaluate", "report"]

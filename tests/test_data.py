@@ -381,7 +381,7 @@ def test_preview_and_archive_stages(tmp_path):
             f"data.archive_dir={tmp_path / 'done'}",
             "data.preview=2",
             "train.max_steps=1",
-            "stages=[preview_data,train,archive_documents]",
+            "stages=[prepare_data,preview_data,train,archive_documents]",
         ]
     )
     ctx = run(cfg, tmp_path / "run")

@@ -100,7 +100,7 @@ def test_broken_csv_trains_from_the_cli_and_reports(tmp_path):
 @pytest.mark.slow
 def test_preview_from_the_cli(tmp_path):
     out = tmp_path / "run"
-    r = run_engine("model=tiny", "stages=[preview_data]", "data.preview=5", f"hydra.run.dir={out}")
+    r = run_engine("model=tiny", "stages=[prepare_data,preview_data]", "data.preview=5", f"hydra.run.dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     text = (out / "preview.txt").read_text()
     assert text.count("--- example") == 5

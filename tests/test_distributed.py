@@ -1,6 +1,6 @@
 """Data-parallel on CPU: `accelerate launch` with 2 gloo processes vs 1 process, same global batch.
 
-The 2-process run gets no hydra.run.dir on purpose: engine.cli.share_run_dir must give both
+The 2-process run gets no hydra.run.dir on purpose: engine.cli.launch_rank must give both
 ranks rank 0's time-stamped dir, and only rank 0 writes files there.
 """
 

@@ -276,7 +276,7 @@ def test_finished_run_exports_checks_and_chats(tmp_path):
     proc = run_engine(
         *QUICK_TRAIN,
         f"eval.run_dir={trained}",
-        "stages=[merge,export_gguf,check_export]",
+        "stages=[prepare_data,merge,export_gguf,check_export]",
         "export.formats=[f32,q8_0]",
         "export.check.prompts=2",
         "export.check.new_tokens=4",
@@ -420,7 +420,7 @@ def layered_run(tmp_path_factory):
 
 
 def test_eval_run_dir_takes_a_layered_run_with_its_levels_and_scales(layered_run):
-    cfg = compose([*EXPORT_RUN, f"eval.run_dir={layered_run}", "stages=[merge,export_gguf,check_export]"])
+    cfg = compose([*EXPORT_RUN, f"eval.run_dir={layered_run}", "stages=[prepare_data,merge,export_gguf,check_export]"])
     assert cfg.adapter.kind == "layered" and cfg.adapter.scales == [1.0, 0.5]
     assert cfg.evaluated_run.adapter_dir == layered_run.resolve() / "adapter"
     # The run's model (what evaluate and check_export's data preparation load): both levels active, level 2 at 0.5.
@@ -441,13 +441,15 @@ def test_a_layered_run_missing_a_level_is_refused(layered_run, tmp_path):
     shutil.copytree(layered_run, copy, ignore=shutil.ignore_patterns("levels"))
     shutil.rmtree(copy / "adapter" / "level_2")
     with pytest.raises(ConfigError, match=re.escape("trained with 2 adapter levels but adapter/ holds level(s) [1]")):
-        compose([*EXPORT_RUN, f"eval.run_dir={copy}", "stages=[merge,export_gguf,check_export]"])
+        compose([*EXPORT_RUN, f"eval.run_dir={copy}", "stages=[prepare_data,merge,export_gguf,check_export]"])
 
 
 @needs_llama_cpp
 def test_a_layered_run_exports_its_stacked_levels_and_checks(layered_run, tmp_path):
     """eval.run_dir=<layered run>: merged with the scales, one LoRA GGUF for the stack, every file checked."""
-    run_dir = _run([*EXPORT_RUN, f"eval.run_dir={layered_run}", "stages=[merge,export_gguf,check_export]"], tmp_path / "x")
+    run_dir = _run(
+        [*EXPORT_RUN, f"eval.run_dir={layered_run}", "stages=[prepare_data,merge,export_gguf,check_export]"], tmp_path / "x"
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["merge"]["levels"] == [1, 2] and metrics["merge"]["scales"] == [1.0, 0.5]
     files = json.loads((run_dir / "export" / "manifest.json").read_text())["files"]

@@ -25,7 +25,7 @@ from engine.loss import LOSSES, forward_loss
 from engine.loss.ce import reference_logps
 from engine.loss.preference import DPOSpec, ORPOSpec, SimPOSpec
 from engine.train.checkpoint import complete_checkpoints
-from engine.train.loop import _split
+from engine.train.step import split_batch
 
 PAIRS = [
     {"prompt": "What is a wetland?", "chosen": "Land covered by shallow water.", "rejected": "A desert with no water."},
@@ -180,7 +180,7 @@ def test_batches_keep_pairs_together(pair_examples, tok):
         assert batch["input_ids"][i, : len(ex.input_ids)].tolist() == ex.input_ids
         assert batch["input_ids"][3 + i, : len(ex.rejected.input_ids)].tolist() == ex.rejected.input_ids
     # The OOM split cuts along pairs: each piece holds whole pairs, chosen rows first.
-    pieces = list(_split(batch, 2))
+    pieces = list(split_batch(batch, 2))
     assert [p["pairs"] for p, _ in pieces] == [2, 1] and [w for _, w in pieces] == pytest.approx([2 / 3, 1 / 3])
     first = pieces[0][0]["input_ids"]
     assert torch.equal(first, batch["input_ids"][[0, 1, 3, 4]])

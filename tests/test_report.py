@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import TINY, compose
 
-from engine.report import Scales, write_report
+from engine.report import Scales, WhatRan, write_report
 from engine.stages.report import report
 
 BLUE = (0x2B, 0x6C, 0xB0)  # the fine-tuned bars and the loss line (engine/report/plots.py)
@@ -66,13 +66,17 @@ def test_markdown_report_has_table_plots_and_samples(finished_run):
 
 
 def test_report_package_takes_plain_arguments_and_the_metric_directions(finished_run):
-    """No run context: a run dir, the config, the metrics, and which names are better lower."""
+    """No run context and no run config: a run dir, what ran (the specs the report names), the
+    metrics, and which names are better lower."""
     ev = finished_run.metrics["evaluate"]
     ev["test"]["latency"], ev["base"]["test"]["latency"] = 2.0, 3.0
     scales = Scales(lower_is_better=frozenset({"latency"}))
-    out = write_report(finished_run.run_dir, finished_run.cfg, finished_run.metrics, scales)
+    cfg = finished_run.cfg
+    about = WhatRan("by_hand", ["train", "evaluate"], cfg.model, cfg.data, quantization="none", adapter="lora", loss="ce")
+    out = write_report(finished_run.run_dir, about, finished_run.metrics, scales)
     md = (finished_run.run_dir / "report.md").read_text()
     assert out["html"].endswith("report.html")
+    assert md.startswith("# Run report: by_hand\n") and "Model: tiny (tiny), quantization: none, adapter: lora, loss: ce" in md
     assert "| latency | 3.0000 | 2.0000 | -1.0000 better |" in md
     assert "| perplexity | 9.7000 | 4.2000 | -5.5000 worse |" in md  # not declared lower-is-better here
     assert "(plots/metrics.png)" not in md  # no 0-1 metrics declared: no bar plot
@@ -200,3 +204,22 @@ def test_export_section_lists_each_file_with_its_numbers_and_verdict(finished_ru
 def test_no_export_section_without_a_manifest(finished_run):
     report(finished_run)
     assert "## Export" not in (finished_run.run_dir / "report.md").read_text()
+
+
+def test_one_page_writer_escapes_and_links_for_the_report_and_the_sweep_summary():
+    """engine.render.page writes report.md/.html and sweep_summary.md/.html: text escaped, `code`
+    and **bold** only, a table cell's pipe and newline kept inside its cell."""
+    from engine.render.page import Block, to_html, to_markdown
+
+    blocks = [
+        Block("p", "a `x` and **y** <script>"),
+        Block("list", items=["one"]),
+        Block("table", header=["k", "v"], rows=[["a|b", "line\nbreak"]], classes=[["", "num"]], row_classes=["best"]),
+        Block("img", "plot", png=b"PNG", path="plots/p.png"),
+    ]
+    md = to_markdown("T", blocks)
+    assert "| a\\|b | line break |" in md and "![plot](plots/p.png)" in md and "\n- one\n" in md
+    page = to_html("T <t>", blocks, css="")
+    assert "<title>T &lt;t&gt;</title>" in page and "<code>x</code> and <b>y</b> &lt;script&gt;" in page
+    assert '<tr class="best"><td>a|b</td><td class="num">line\nbreak</td></tr>' in page
+    assert 'src="data:image/png;base64,UE5H"' in page and "<li>one</li>" in page

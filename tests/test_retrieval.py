@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -268,7 +269,7 @@ def test_retrieval_is_off_by_default_and_costs_nothing():
 
 def test_shipped_recipe_and_presets_validate():
     cfg = compose(["recipe=rag_smollm2", "model=tiny"])
-    assert cfg.retrieval.kind == "flat_ip" and cfg.retrieval.k == 3 and cfg.stages[0] == "build_index"
+    assert cfg.retrieval.kind == "flat_ip" and cfg.retrieval.k == 3 and cfg.stages[:2] == ["prepare_data", "build_index"]
     for preset in ("flat_l2", "hnsw", "ivf_pq"):
         assert compose(["recipe=rag_smollm2", "model=tiny", f"retrieval={preset}"]).retrieval.kind == preset
 
@@ -291,6 +292,24 @@ def test_shipped_recipe_and_presets_validate():
         (["retrieval=none"], "retrieval.k: unknown key; valid keys here: none (this kind takes no settings)"),
         (["data=documents"], "retrieval.k: 3 passages would go into each prompt, but data kind 'documents' has no prompt"),
         (["retrieval.efsearch=10"], "retrieval.efsearch: unknown key"),
+        (
+            ["stages=[prepare_data,train,evaluate,report]"],
+            "stages: retrieval=flat_ip puts passages into the prompts in the build_index stage, which is not listed; "
+            "add it after prepare_data, e.g. stages=[prepare_data,build_index,train,evaluate,report]",
+        ),
+        (
+            ["stages=[build_index,prepare_data,train,evaluate,report]"],
+            "stages: build_index puts retrieval.k=3 passages into each prepared prompt: put prepare_data before it, "
+            "e.g. stages=[prepare_data,build_index,train,evaluate,report]",
+        ),
+        (
+            ["stages=[prepare_data,train,build_index,evaluate,report]"],
+            "stages: train runs before build_index, so it would not see the retrieved passages",
+        ),
+        (
+            ["retrieval.k=0", "retrieval.corpus=examples", "retrieval.queries=null", "stages=[build_index]"],
+            "stages: build_index indexes the training split (retrieval.corpus=examples): put prepare_data before it",
+        ),
     ],
 )
 def test_config_errors_say_which_and_what_works(overrides, expected):
@@ -315,7 +334,7 @@ def test_rag_recipe_end_to_end_on_the_tiny_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
     assert m["build_index"]["labelled_queries"]["recall@5"] >= 0.9 and m["build_index"]["passages"] == 123
-    assert m["prepare_data"]["contexts_searched"] == 325
+    assert m["build_index"]["contexts_searched"] == 325 and m["build_index"]["retrieval_k"] == 3
     for variant in ("base", "base_rag", "finetuned_rag"):
         assert set(m["evaluate"][variant]["test"]) >= {"exact_match", "token_f1", "rougeL", "cosine"}
     assert {"index.faiss", "meta.json"} <= {p.name for p in (run / "retrieval").iterdir()}
@@ -325,10 +344,16 @@ def test_rag_recipe_end_to_end_on_the_tiny_model(tmp_path):
     assert "## Retrieval" in md and "| metric | base | base + retrieval | fine-tuned | fine-tuned + retrieval |" in md
 
     # The same run dir again (a resume): the index and the contexts are reused, nothing is embedded again.
-    again = run_engine(*args, f"hydra.run.dir={run}", "stages=[build_index,prepare_data]", timeout=600)
+    again = run_engine(*args, f"hydra.run.dir={run}", "stages=[prepare_data,build_index]", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
-    assert m["build_index"]["source"] == "reused" and m["prepare_data"]["contexts_cached"] == 325
+    assert m["build_index"]["source"] == "reused" and m["build_index"]["contexts_cached"] == 325
+
+    # Evaluating it again (eval.run_dir: its retrieval group) lists build_index, as its own run did.
+    with pytest.raises(ConfigError, match=re.escape("eval.run_dir: that run's retrieval is 'flat_ip'; stages: retrieval")):
+        compose(["recipe=eval_run", "model=tiny", f"eval.run_dir={run}"])
+    cfg = compose(["recipe=eval_run", "model=tiny", f"eval.run_dir={run}", "stages=[prepare_data,build_index,evaluate,report]"])
+    assert cfg.retrieval.kind == "flat_ip" and cfg.stages[1] == "build_index"
 
 
 def test_a_mismatched_index_path_is_refused_by_the_run(tmp_path):
@@ -339,7 +364,7 @@ def test_a_mismatched_index_path_is_refused_by_the_run(tmp_path):
     idx.save(tmp_path / "idx", index, spec, emb, passages, "synthetic")
     proc = run_engine(
         "recipe=rag_smollm2", "model=tiny", "device=cpu", f"retrieval.index_path={tmp_path / 'idx'}", "retrieval.queries=null",
-        "stages=[build_index]", f"hydra.run.dir={tmp_path / 'run'}",
+        "retrieval.k=0", "stages=[build_index]", f"hydra.run.dir={tmp_path / 'run'}",
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "built with embedder 'tfidf'" in proc.stderr and "'minilm'" in proc.stderr and "Traceback" not in proc.stderr

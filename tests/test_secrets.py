@@ -153,7 +153,7 @@ def test_a_finished_run_evaluated_and_exported_holds_no_local_path(tmp_path):
         "export.formats=[f32]",
         "export.check.prompts=2",
         "export.check.new_tokens=4",
-        "stages=[evaluate,merge,export_gguf,export_onnx,check_export,report]",
+        "stages=[prepare_data,evaluate,merge,export_gguf,export_onnx,check_export,report]",
         "hydra.run.dir=exported",
         cwd=tmp_path,
     )
@@ -202,7 +202,7 @@ def test_a_saved_adapter_names_its_base_as_the_config_does(tmp_path, monkeypatch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.train.loop import _base_named
+    from engine.train.saving import base_named
 
     monkeypatch.chdir(tmp_path)
     base_dir = tmp_path / "models" / "base"
@@ -210,7 +210,7 @@ def test_a_saved_adapter_names_its_base_as_the_config_does(tmp_path, monkeypatch
     LlamaForCausalLM(config).save_pretrained(base_dir)
     model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, target_modules=["q_proj"]))
     spec = SimpleNamespace(name_or_path=str(base_dir) if typed == "local" else typed)
-    with _base_named(model, spec):
+    with base_named(model, spec):
         model.save_pretrained(tmp_path / "adapter")
     expected = "models/base" if typed == "local" else typed  # a local dir as shown_path shows it; a hub id as typed
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == expected

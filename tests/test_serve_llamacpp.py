@@ -90,11 +90,10 @@ def files(tmp_path_factory):
 
 
 def build(files, gguf: Path | None = None, context_length: int = CTX, **adapters: Path):
-    from engine.serve import LlamaCppSpec
-    from engine.serve.backends.llamacpp import build_llamacpp
+    from engine.serve.backends.llamacpp import LlamaCppSpec, load_llamacpp
 
     spec = LlamaCppSpec(kind="llamacpp", context_length=context_length, threads=1)
-    return build_llamacpp(spec, gguf_path=gguf or files.base, adapter_paths=adapters)
+    return load_llamacpp(spec, gguf_path=gguf or files.base, adapter_paths=adapters)
 
 
 @pytest.fixture(scope="module")
@@ -438,8 +437,7 @@ def test_bad_adapter_files_are_user_errors_named_by_file(files, tmp_path):
 
 def test_bad_base_files_are_user_errors_named_by_file(files, tmp_path):
     from engine.model import GgufSpec
-    from engine.serve import LlamaCppSpec
-    from engine.serve.backends.llamacpp import build_llamacpp
+    from engine.serve.backends.llamacpp import LlamaCppSpec, load_llamacpp
 
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(files.base.read_bytes()[:5000])
@@ -453,9 +451,55 @@ def test_bad_base_files_are_user_errors_named_by_file(files, tmp_path):
         _no_path(err, tmp_path, files.tmp)
     spec = LlamaCppSpec(kind="llamacpp")
     with pytest.raises(UserError, match="model=tiny ships none"):
-        build_llamacpp(spec, model_spec=SimpleNamespace(kind="tiny"))
+        load_llamacpp(spec, model_spec=SimpleNamespace(kind="tiny"))
     with pytest.raises(UserError, match="not in package"):
-        build_llamacpp(spec, model_spec=GgufSpec(kind="gguf", package="llama_cpp", file="nothing.gguf"))
+        load_llamacpp(spec, model_spec=GgufSpec(kind="gguf", package="llama_cpp", file="nothing.gguf"))
+
+
+def _finished_run(root: Path, files, *, lora: bool, export: bool) -> Path:
+    """A run dir as train + export_gguf leave it: adapter/ (or model/), export/ with its manifest."""
+    import shutil
+
+    done = root / ("lora_run" if lora else "full_run")
+    weights = done / ("adapter/adapter_config.json" if lora else "model/config.json")
+    weights.parent.mkdir(parents=True)
+    weights.write_text("{}")
+    (done / "config.yaml").write_text("recipe: lora_tiny\n")
+    if export:
+        (done / "export").mkdir()
+        shutil.copy(files.base, done / "export" / "model-f32.gguf")
+        listed = {"model-f32.gguf": {"kind": "model"}}
+        if lora:
+            shutil.copy(files.a, done / "export" / "adapter-lora.gguf")
+            listed["adapter-lora.gguf"] = {"kind": "lora", "base": {"file": "model-f32.gguf"}}
+        (done / "export" / "manifest.json").write_text(json.dumps({"files": listed}))
+    return done
+
+
+def test_a_finished_runs_export_is_served_its_lora_active_on_the_base_it_was_exported_for(files, prompt, refs, tmp_path):
+    from engine.serve.backend import AdapterScale, BackendSource
+    from engine.serve.backends import open_backend
+    from engine.serve.backends.llamacpp import LlamaCppSpec
+
+    spec = LlamaCppSpec(kind="llamacpp", context_length=CTX, threads=1)
+    tiny = SimpleNamespace(kind="tiny")
+    for lora in (True, False):
+        done = _finished_run(tmp_path, files, lora=lora, export=True)
+        opened = open_backend(spec, BackendSource(model=tiny, evaluated=done, out_dir=tmp_path))
+        try:
+            assert opened.backend.model_id == "model-f32"  # the export's base, not the model group's
+            if lora:
+                assert opened.active == (AdapterScale("lora_run", 1.0),)
+                assert [(a.name, a.run, a.recipe) for a in opened.backend.adapters()] == [("lora_run", "lora_run", "lora_tiny")]
+                assert run(opened.backend, prompt, ("lora_run", 1.0))[0] == refs["A"]
+            else:  # a full fine-tune: its model GGUF is the base, nothing to activate
+                assert opened.active == () and opened.backend.adapters() == []
+        finally:
+            opened.backend.close()
+    for lora, said in [(True, "has no export/adapter-lora.gguf and its base is not a packaged GGUF"), (False, "no GGUF export")]:
+        done = _finished_run(tmp_path / "bare", files, lora=lora, export=False)
+        with pytest.raises(UserError, match=said):
+            open_backend(spec, BackendSource(model=tiny, evaluated=done, out_dir=tmp_path))
 
 
 def test_close_frees_adapters_and_model_and_is_idempotent(files, prompt):
@@ -479,14 +523,13 @@ def test_the_openai_client_against_the_server_on_this_backend(files):
 
     from openai import OpenAI
 
-    from engine.serve import LlamaCppSpec
     from engine.serve.adapters import AdapterDirs
     from engine.serve.app import build_app
-    from engine.serve.backends.llamacpp import build_llamacpp
+    from engine.serve.backends.llamacpp import LlamaCppSpec, load_llamacpp
     from engine.serve.server import bind, url_of, uvicorn_server
 
     spec = LlamaCppSpec(kind="llamacpp", port=0, context_length=CTX, threads=1, adapter_dirs=[str(files.tmp)])
-    b = build_llamacpp(spec, gguf_path=files.base, adapter_paths={"A": files.a})
+    b = load_llamacpp(spec, gguf_path=files.base, adapter_paths={"A": files.a})
     prompt = b.render_chat(QUESTION)
     want = {"base": run(b, prompt)[1], "A": run(b, prompt, ("A", 1.0))[1]}
     b.load_adapter("b", files.b)
@@ -495,7 +538,7 @@ def test_the_openai_client_against_the_server_on_this_backend(files):
     want["completion"] = run(b, b.tokenize(plain))[1]
     assert len({want["base"], want["A"], want["blend"]}) == 3
 
-    fresh = build_llamacpp(spec, gguf_path=files.base, adapter_paths={"A": files.a})  # "b" loads over HTTP
+    fresh = load_llamacpp(spec, gguf_path=files.base, adapter_paths={"A": files.a})  # "b" loads over HTTP
     app = build_app(fresh, spec, adapter_dirs=AdapterDirs(spec.adapter_dirs))
     sock = bind("127.0.0.1", 0)
     server = uvicorn_server(app)

@@ -20,8 +20,10 @@ import yaml
 from conftest import QUICK_TRAIN, ROOT, compose, run_engine
 
 from engine.errors import ConfigError, UserError
+from engine.runs import JOB_RECORD as RECORD
+from engine.runs import STATUSES, flatten, lookup, numeric_keys, overall, status_of
 from engine.sweep import summary as sm
-from engine.sweep.job import RECORD, objective_value, run_job
+from engine.sweep.job import objective_value, run_job
 from engine.sweep.spec import check_plugins
 
 CONF = ROOT / "engine" / "conf"
@@ -123,6 +125,55 @@ def test_cli_rebuilds_the_same_files_and_compares_run_dirs(made_sweep, tmp_path)
     table = rows(out)
     assert [(r["status"], r["adapter.r"], r["train.final_loss"]) for r in table] == [("ok", "4", "0.4"), ("ok", "16", "1.6")]
     assert "adapter.alpha" not in table[0]  # the same in both: not a column
+
+
+def test_one_status_vocabulary_for_run_dirs_sweep_jobs_and_the_runs_page(made_sweep, tmp_path):
+    """engine.runs.status_of is the one reader of a run's state: the summary and the runs page agree."""
+    from engine.serve.ui import RunsIndex
+
+    def run(name: str, stages: list[str], metrics: dict | None, lock: str = "") -> Path:
+        d = tmp_path / "outputs" / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump({"recipe": "x", "stages": stages}))
+        if metrics is not None:
+            (d / "metrics.json").write_text(json.dumps(metrics))
+        (d / ".lock").write_text(lock)
+        return d
+
+    dirs = [
+        run("done", ["train"], {"train": {"steps": 1}}),
+        run("half", ["train", "evaluate"], {"train": {"steps": 1}}),
+        run("empty", ["train"], None),
+        run("live", ["train"], {}, lock=f"{os.getpid()}\n"),
+        run("killed", ["train"], {}, lock=f"{dead_pid()}\n"),
+    ]
+    expected = ["ok", "incomplete", "not started", "running", "interrupted"]
+    assert [status_of(d)[0] for d in dirs] == expected
+    assert [r.status for r in sm.collect_runs(dirs).rows] == expected
+    page = {r.id: r.status for r in RunsIndex(tmp_path / "outputs").scan().runs}
+    assert [page[d.name] for d in dirs] == expected
+    assert set(expected) <= set(STATUSES)
+    # a sweep job's record decides, but only in the vocabulary; a sweep's status is its jobs' overall one
+    assert [status_of(made_sweep / j)[0] for j in "01234"] == ["ok", "ok", "failed", "running", "interrupted"]
+    (made_sweep / "0" / RECORD).write_text(json.dumps({"status": "<b>done</b>"}))
+    assert status_of(made_sweep / "0")[0] == "ok"  # from its metrics.json, not the odd word
+    assert overall(["ok", "ok"]) == "ok" and overall(["ok", "failed", "running"]) == "running"
+    assert overall(["ok", "interrupted", "failed"]) == "failed" and overall(["ok", "not started"]) == "incomplete"
+    assert overall([]) == "not started"
+
+
+def test_metrics_json_is_walked_by_one_flatten():
+    metrics = {"train": {"steps": 2, "done": True, "speedups": {}}, "evaluate": {"test": {"f1": 0.5, "note": "x"}}}
+    assert flatten(metrics) == {
+        "train.steps": 2,
+        "train.done": True,
+        "train.speedups": {},
+        "evaluate.test.f1": 0.5,
+        "evaluate.test.note": "x",
+    }
+    assert numeric_keys(metrics) == ["train.steps", "evaluate.test.f1"]  # a bool is a flag, not a number
+    assert lookup(metrics, "evaluate.test.f1") == 0.5 and lookup(metrics, "evaluate.nope.f1") is None
+    assert lookup(None, "a") is None and flatten(["not", "a", "dict"]) == {}
 
 
 def test_cli_says_what_is_wrong_without_a_traceback(tmp_path):

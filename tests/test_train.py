@@ -10,9 +10,11 @@ import pytest
 import torch
 from conftest import TINY, compose
 
+from engine.config.record import freeze
 from engine.errors import ConfigError
 from engine.train import checkpoint as ck
-from engine.train.loop import accumulate, lr_lambda
+from engine.train.optim import lr_lambda
+from engine.train.step import accumulate
 
 
 def test_schedules_warm_up_then_follow_their_shape():
@@ -88,23 +90,14 @@ def test_config_hash_ignores_keys_that_do_not_change_the_math():
     assert ck.config_diff(ck.hashed_config(raw), ck.hashed_config(changed)) == [f"train.lr: {raw['train']['lr']!r} -> 1.0"]
 
 
-class _Acc:
-    """The slice of accelerate's Accelerator that prepare_run_dir uses (one process)."""
-
-    is_main_process = True
-
-    def wait_for_everyone(self):
-        pass
-
-
 def test_resume_never_moves_the_old_attempt_aside(tmp_path):
     cfg = compose([*TINY])
     _write(tmp_path, 2, config_hash=ck.config_hash(cfg.raw))
     (tmp_path / "train_log.jsonl").write_text('{"step": 1}\n')
-    assert ck.prepare_run_dir(cfg, tmp_path, _Acc()).step == 2  # auto: same config resumes
+    assert freeze(cfg, tmp_path).step == 2  # auto: same config resumes
 
     fresh = dataclasses.replace(cfg, train=cfg.train.model_copy(update={"resume": "never"}))
-    assert ck.prepare_run_dir(fresh, tmp_path, _Acc()) is None
+    assert freeze(fresh, tmp_path) is None
     moved = list((tmp_path / "superseded").glob("*/checkpoints/step-2/state.json"))
     assert moved and not (tmp_path / "checkpoints").exists() and not (tmp_path / "train_log.jsonl").exists()
 
@@ -113,10 +106,10 @@ def test_resume_with_another_config_is_refused(tmp_path):
     cfg = compose([*TINY])
     _write(tmp_path, 2, config_hash="0" * 16, config=ck.hashed_config(compose([*TINY, "train.lr=1.0"]).raw))
     with pytest.raises(ConfigError, match=r"train\.lr: 1\.0 -> 0\.0003.*train\.resume=force"):
-        ck.prepare_run_dir(cfg, tmp_path, _Acc())
+        freeze(cfg, tmp_path)
     assert not (tmp_path / "config.yaml").exists()
     forced = dataclasses.replace(cfg, train=cfg.train.model_copy(update={"resume": "force"}))
-    assert ck.prepare_run_dir(forced, tmp_path, _Acc()).step == 2
+    assert freeze(forced, tmp_path).step == 2
 
 
 def test_train_spec_checks():
@@ -253,7 +246,7 @@ def test_force_refuses_what_resume_cannot_reapply():
 
 
 def test_reapplied_hyperparameters_follow_the_new_config():
-    from engine.train.loop import reapply_hyperparameters
+    from engine.train.optim import reapply_hyperparameters
 
     def make(lr: float, total: int):
         w = torch.nn.Parameter(torch.ones(2))
@@ -286,7 +279,7 @@ def test_reapplied_hyperparameters_follow_the_new_config():
 
 
 def test_divergence_guard_trips_on_blow_ups_only():
-    from engine.train.loop import Guard
+    from engine.train.guard import Guard
 
     healthy = Guard(lr=1e-2, weight_norm=2.0)
     # A healthy run: loss falls, weights grow a little (x1.4 at lr 1e-2 on the tiny model).

@@ -72,11 +72,10 @@ def call(url: str, path: str, *, method: str = "GET", body=None, key: str | None
 def tiny_backend(adapters: dict[str, Path] | None = None, run_info: dict | None = None):
     """The tiny model (random init, fixed seed) in the hf backend, with PEFT adapters loaded."""
     from engine.model import TinySpec
-    from engine.serve import SERVERS, HfSpec
-    from engine.serve import backends as _  # noqa: F401  (registers the kinds)
+    from engine.serve.backends.hf import HfSpec, load_hf
 
     spec = HfSpec(kind="hf", device="cpu", context_length=512, default_max_tokens=16, threads=1)
-    backend = SERVERS.build(spec, model_spec=TinySpec(kind="tiny"), adapter_paths=adapters or {}, run_info=run_info or {})
+    backend = load_hf(spec, model_spec=TinySpec(kind="tiny"), adapter_paths=adapters or {}, run_info=run_info or {})
     return backend, spec
 
 
@@ -253,7 +252,7 @@ def test_runs_are_listed_newest_first_with_recipe_time_status_metrics_and_files(
     ]
     done = by_id[f"lora_tiny/{STAMP}"]
     assert done["kind"] == "run" and done["recipe"] == "lora_tiny" and done["time"] == "2026-01-02 03:04:05"
-    assert done["status"] == "finished" and done["stages"] == ["prepare_data", "train", "evaluate", "report"]
+    assert done["status"] == "ok" and done["stages"] == ["prepare_data", "train", "evaluate", "report"]
     assert done["files"] == ["loss.png", "plots/metrics.png", "report.html"]
     metrics = {m["name"]: (m["value"], m["base"]) for m in done["metrics"]}
     assert metrics == {
@@ -266,10 +265,10 @@ def test_runs_are_listed_newest_first_with_recipe_time_status_metrics_and_files(
     }  # no NaN, no strings, no counts, no paths
     assert by_id["lora_tiny/2026-01-01_00-00-00"]["status"] == "incomplete"
     sweep = by_id[sweep_id]
-    assert sweep["kind"] == "sweep" and sweep["status"] == "finished"
+    assert sweep["kind"] == "sweep" and sweep["status"] == "failed"  # its jobs: ok, failed
     assert sweep["files"] == ["sweep_final_loss.png", "sweep_summary.csv", "sweep_summary.html", "sweep_summary.md"]
     assert by_id[f"{sweep_id}/0"]["sweep"] == sweep_id and by_id[f"{sweep_id}/0"]["files"] == ["loss.png"]
-    assert by_id[f"{sweep_id}/0"]["status"] == "finished" and by_id[f"{sweep_id}/1"]["status"] == "failed"
+    assert by_id[f"{sweep_id}/0"]["status"] == "ok" and by_id[f"{sweep_id}/1"]["status"] == "failed"
 
 
 def test_the_listing_holds_no_local_path_and_counts_what_leads_outside(server, outputs):

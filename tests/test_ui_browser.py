@@ -257,7 +257,7 @@ def test_the_runs_view_lists_the_run_and_opens_its_report_and_loss_plot(server, 
     row = page.locator(f'tr[data-testid="run-row"][data-run="{RUN_ID}"]')
     row.wait_for()
     cells = row.locator("td").all_text_contents()
-    assert cells[1:4] == ["lora_smollm2", "2026-01-02 03:04:05", "finished"]
+    assert cells[1:4] == ["lora_smollm2", "2026-01-02 03:04:05", "ok"]
     assert "train.steps 30" in cells[4]
     row.locator('a[data-file="report.html"]').click()
     page.wait_for_selector('[data-testid="run-viewer"][data-state="done"]')

@@ -19,7 +19,7 @@ from pathlib import Path
 from engine.data.shapes import SHAPES, TEXT_ROLE, Pair, RowError
 from engine.data.sources import BadRow, DataError, read_rows
 from engine.data.spec import DataSpec, DocumentsSpec
-from engine.data.templates import render, render_with_spans, template_source
+from engine.data.templates import render, render_with_spans, template_source, templated
 from engine.files import shown_path
 
 __all__ = ["SHAPES", "DataBundle", "DataError", "DataSpec", "Example", "prepare"]
@@ -103,7 +103,7 @@ def prepare(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | None = None
     _dedupe_across(splits, rejects)
 
     # 3. Render and tokenize; label assistant tokens only (or all, for text / train_on_prompt).
-    source = template_source(spec.template, tokenizer) if spec.kind not in ("text", "documents") else ""
+    source = template_source(spec.template, tokenizer) if templated(spec.kind) else ""
     out: dict[str, list[Example]] = {}
     truncated = 0
     for name in SPLITS:

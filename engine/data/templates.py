@@ -70,6 +70,20 @@ PHI = (
 
 TEMPLATES: dict[str, str] = {"alpaca": ALPACA, "chatml": CHATML, "llama2": LLAMA2, "mistral": MISTRAL, "phi": PHI}
 
+PLAIN_KINDS = frozenset({"text", "documents"})
+"""Data kinds that are plain text: no chat template, no prompt, every token trained on."""
+
+
+def templated(kind: str) -> bool:
+    """Does data of this kind go through a chat template (and so have prompts and answers)?
+
+    The one rule behind: tokenizing (plain text is not rendered), the template an export
+    embeds (plain text leaves the tokenizer's own), and validation refusing what needs a
+    prompt (retrieval passages in prompts, GRPO) on plain text.
+    """
+    return kind not in PLAIN_KINDS
+
+
 # A conversation with every role, for the trial render at validation.
 TRIAL = [
     {"role": "system", "content": "Be brief."},

@@ -3,99 +3,43 @@
     env = gymnasium.make("engine/TextReward-v0", overrides=["data=env_numeric", "reward=format_numeric"], split="test")
     env = gymnasium.make("engine/TextReward-v0", overrides=["reward=suite_format"])   # suite prompts
 
-Composes engine's conf/ with Hydra's compose API (``plugins:`` imported first), validates the
-groups the environment uses (``model``, ``data``, ``reward``) with their own schemas — problems
-are one ``ConfigError`` naming each full key — then prepares the data split with the model's
-*tokenizer* only (templating needs it; the weights are the RL library's business) and renders
-each prompt as the evaluate stage feeds it to the model.
-
-Why not ``engine.config.validate``: that is the run layer, above this one (imports go down
-only); the environment needs three groups, not a run. Cross-group run checks do not apply here.
+Composes and validates through engine's front door (engine/config/: the same composition and
+the same schemas as a run, scoped to the groups the environment uses: ``model``, ``data``,
+``reward``; problems are one ``ConfigError`` naming each full key), then prepares the data split
+with the model's *tokenizer* only (templating needs it; the weights are the RL library's
+business) and renders each prompt as the evaluate stage feeds it to the model.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
+from engine.config import CONF_DIR, compose_checked
+from engine.config.validation import check_groups, import_plugins
 from engine.errors import ConfigError, UserError
 from engine.files import cache_root
-from engine.registry import Registry
+from engine.reward import REWARDS
 
-ENGINE = Path(__file__).resolve().parents[1]
-CONF = ENGINE / "conf"
-SAMPLES = ENGINE / "samples"
+CONF = Path(CONF_DIR)
 
 
 def compose(overrides: list[str], conf_dir: str | Path = CONF) -> dict:
-    """The resolved config for ``overrides`` (Hydra's compose API, as the CLI composes)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import ConfigCompositionException, MissingConfigException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not OmegaConf.has_resolver("sample"):  # ${sample:NAME}: a data file shipped in engine/samples
-        OmegaConf.register_new_resolver("sample", lambda name: str(SAMPLES / name))
-    overrides = list(overrides)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
-            for _ in range(len(overrides) + 1):
-                try:
-                    cfg = hydra_compose("config", overrides=overrides)
-                    break
-                except ConfigCompositionException as e:
-                    # A key the preset's YAML leaves out: add it, so the schema names it (valid or not).
-                    key = str(e).split("Could not override '", 1)[-1].split("'", 1)[0]
-                    if "Could not override" not in str(e) or f"++{key}" in " ".join(overrides):
-                        raise ConfigError(str(e).splitlines()[0]) from None
-                    overrides = [f"++{o}" if o.split("=", 1)[0] == key else o for o in overrides]
-            return OmegaConf.to_container(cfg, resolve=True)
-    except MissingConfigException as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}".lstrip(": ")) from None
-    finally:
-        GlobalHydra.instance().clear()
+    """The resolved config for ``overrides``: the run's own front door (engine.config), so the
+    environment sees exactly what ``engine OVERRIDES`` would run."""
+    return compose_checked(list(overrides), str(Path(conf_dir).resolve())).raw
 
 
 def validate(raw: dict) -> dict[str, Any]:
-    """Plugins imported, then the model, data and reward specs: {group: spec} or one ConfigError."""
-    from pydantic import ValidationError
+    """Plugins imported, then the model, data and reward specs: {group: spec} or one ConfigError.
 
-    from engine.data.shapes import SHAPES
-    from engine.model import MODELS
-    from engine.reward import REWARDS
-
+    The run's own checks, scoped to the three groups the environment reads: the stages, the
+    other groups and the rules across them are a training run's business, not an environment's.
+    """
     problems: list[str] = []
-    for i, mod in enumerate(raw.get("plugins") or []):
-        try:
-            importlib.import_module(mod)
-        except Exception as e:  # a plugin that fails to import is a config problem
-            problems.append(f"plugins[{i}]: cannot import '{mod}': {type(e).__name__}: {e}")
-    specs: dict[str, Any] = {}
-    registries: dict[str, Registry] = {"model": MODELS, "data": SHAPES, "reward": REWARDS}
-    for group, registry in registries.items():
-        node = raw.get(group)
-        kind = node.get("kind") if isinstance(node, dict) else None
-        if kind not in registry:
-            problems.append(f"{group}.kind: {registry.unknown_message(kind)}")
-            continue
-        schema = registry.get(kind).spec
-        try:
-            specs[group] = schema.model_validate(node)
-        except ValidationError as err:
-            for e in err.errors():
-                key = ".".join([group, *map(str, e["loc"])])
-                if e["type"] == "extra_forbidden":
-                    valid = ", ".join(f for f in schema.model_fields if f != "kind") or "none"
-                    problems.append(f"{key}: unknown key; valid keys here: {valid}")
-                else:
-                    problems.append(f"{key}: {e['msg'].replace('Value error, ', '').replace('Input should be', 'should be')}")
-    if "reward" in specs and specs["reward"].kind == "none":
+    import_plugins(raw.get("plugins") or [], problems)
+    specs = check_groups(raw, ["model", "data", "reward"], problems)
+    if specs.get("reward") is not None and specs["reward"].kind == "none":
         valid = ", ".join(k for k in REWARDS.keys() if k != "none")
         problems.append(f"reward: none, so step() has nothing to return; choose one, e.g. reward=format_numeric (kinds: {valid})")
     if problems:

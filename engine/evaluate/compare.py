@@ -26,7 +26,6 @@ from typing import Any
 from engine.data.templates import render
 from engine.evaluate import metrics as M
 from engine.evaluate import suites as suite_lib
-from engine.evaluate.generation import generate, stop_config
 
 
 @dataclass(frozen=True)
@@ -72,6 +71,8 @@ class _Inputs:
 
 def evaluate(job: EvalJob) -> dict:
     """Evaluate base (when asked) and fine-tuned; returns the metrics the stage records."""
+    from engine.evaluate.generation import stop_config  # torch: imported when evaluating, not with the stage
+
     spec, tok = job.spec, job.tokenizer
     examples = job.examples[: spec.max_examples]
     if not examples:
@@ -126,6 +127,8 @@ def _evaluate_variant(
     job: EvalJob, inputs: _Inputs, model, variant: str, extras: bool = True
 ) -> tuple[dict, list[str], list[dict]]:
     """All configured evaluations of one model variant: metrics, its answers, suite rows (lm-eval only with ``extras``)."""
+    from engine.evaluate.generation import generate
+
     spec = job.spec
     preds = generate(
         model, job.tokenizer, inputs.texts, max_new_tokens=spec.max_new_tokens, desc=f"generate ({variant})", **inputs.generate
@@ -161,6 +164,8 @@ def _evaluate_variant(
 
 def _run_suites(job: EvalJob, inputs: _Inputs, model, variant: str) -> tuple[dict, list[dict]]:
     """Answer every suite's cases with the training template; score them (pass rates, per-case rows)."""
+    from engine.evaluate.generation import generate
+
     answers = {}
     for suite in inputs.suites:
         texts = [

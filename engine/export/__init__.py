@@ -11,9 +11,11 @@ The export_onnx stage (the merged model as ONNX with a KV cache, engine/export/o
 no settings of its own; check_export holds it to the ``onnx`` entries of ``export.check``.
 
 The work is in this package and takes plain arguments: ``merge`` (adapter folded into the
-base, a standard HF dir), ``gguf`` (our HF -> GGUF writer), ``check`` (parity of an exported
-file against the HF model on identical token ids). The stages merge, export_gguf and
-check_export call them; a check below its thresholds fails the stage with the numbers.
+base, a standard HF dir), ``gguf`` (our HF -> GGUF writer), ``write`` (what export_gguf and
+export_onnx leave in run_dir/export: the files, a LoRA's base GGUF, the manifest), ``check``
+(parity of an exported file against the HF model on identical token ids). The stages merge,
+export_gguf, export_onnx and check_export call them; a check below its thresholds fails the
+stage with the numbers.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import UserError
-from engine.export.manifest import base_gguf_of
+from engine.export.manifest import MANIFEST, base_gguf_of, read_manifest, write_manifest
 from engine.native import check_llama_cpp
 
 
@@ -253,6 +253,50 @@ def check_files(job: CheckJob) -> tuple[dict, list[str]]:
         if entry["kind"] == "lora":
             results[name], more = _check_lora(job, job.export_dir / name, entry, n_ctx)
             problems += more
+    return results, problems
+
+
+def exported_files(export_dir: Path) -> dict[str, dict]:
+    """The manifest's files, or a UserError that says which stage writes them (checked on every rank)."""
+    if not (export_dir / MANIFEST).is_file():
+        raise UserError(f"check_export: {export_dir / MANIFEST} is missing; run export_gguf or export_onnx before check_export")
+    return read_manifest(export_dir)
+
+
+def check_export_dir(
+    files: dict[str, dict],
+    export_dir: Path,
+    merged_dir: Path,
+    examples: list,
+    tokenizer,
+    *,
+    spec,
+    prompt_text: Callable | None,
+    model: Any,
+    quantization: Any,
+    trained: Any,
+) -> tuple[dict, list[str]]:
+    """Held-out cases from ``examples``, every file of the manifest checked, the numbers written into it.
+
+    Returns (numbers per file, failures in words), as ``check_files``; ``files`` is the manifest's
+    (``exported_files``) and gets each file's ``parity``. ``trained`` is only used for a LoRA file.
+    """
+    cases = held_out_cases(examples, tokenizer, prompts=spec.prompts, max_tokens=spec.max_tokens, prompt_text=prompt_text)
+    lora = any(e["kind"] == "lora" for e in files.values())
+    job = CheckJob(
+        files=files,
+        export_dir=export_dir,
+        merged_dir=merged_dir,
+        cases=cases,
+        spec=spec,
+        model=model,
+        quantization=quantization,
+        trained=trained if lora else None,
+    )
+    results, problems = check_files(job)
+    for name, numbers in results.items():
+        files[name]["parity"] = numbers
+    write_manifest(export_dir, files)
     return results, problems
 
 

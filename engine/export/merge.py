@@ -12,8 +12,10 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.errors import UserError
+from engine.files import shown_path
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,34 @@ def find_trained(run_dir: Path, *, scales: list[float] | None = None) -> Trained
     if (run_dir / "model" / "config.json").is_file():
         return Trained(model_dir=run_dir / "model")
     raise UserError(f"{run_dir} has no trained weights (adapter/, adapter/level_K or model/); did its train stage finish?")
+
+
+def trained_weights(run_dir: Path, evaluated: Path | None, adapter_spec: Any) -> Trained:
+    """This run's trained weights, or those of the finished run it works on (``eval.run_dir``: its path).
+
+    ``adapter_spec`` gives a layered run's ``scales`` (the levels stack with them).
+    """
+    return find_trained(evaluated or run_dir, scales=getattr(adapter_spec, "scales", None))
+
+
+def merge_trained(trained: Trained, out_dir: Path, *, model_spec: Any, quant_spec: Any, data_spec: Any) -> Path:
+    """The trained weights folded into the (de-quantized) base, saved with the training template at ``out_dir``."""
+    model, tokenizer = load_trained(model_spec, quant_spec, trained, progress=True)
+    return merge_to_dir(model, tokenizer, out_dir, chat_template=training_template(data_spec, tokenizer))
+
+
+def merged_record(out_dir: Path, trained: Trained, *, run_dir: Path, evaluated: Path | None) -> dict:
+    """What metrics.json records of a merge, with paths as ``shown_path`` records them: ``from`` is
+    relative to the run that trained the weights, and ``run`` (with eval.run_dir) names that run."""
+    source = trained.adapter_dir or trained.model_dir
+    return {
+        "dir": shown_path(out_dir, run_dir),
+        "bytes": dir_bytes(out_dir),
+        "from": shown_path(source, evaluated or run_dir),
+        **({"run": shown_path(evaluated)} if evaluated else {}),
+        "levels": trained.levels,
+        "scales": trained.scales,
+    }
 
 
 def load_base(model_spec, quant_spec, *, progress: bool = False):
@@ -115,9 +145,9 @@ def adapter_config(trained: Trained, level: int | None = None) -> dict:
 
 def training_template(data_spec, tokenizer) -> str:
     """The chat template the model was trained with (the tokenizer's own for plain-text data)."""
-    from engine.data.templates import template_source
+    from engine.data.templates import template_source, templated
 
-    if data_spec.kind in ("text", "documents"):
+    if not templated(data_spec.kind):
         return getattr(tokenizer, "chat_template", None) or ""
     return template_source(data_spec.template, tokenizer)
 

@@ -1,9 +1,9 @@
 """What the report says, as blocks: what ran, data, training, evaluation, samples, export, adapter matrix, artifacts.
 
-Reads only plain values: the run's config (its specs), the metrics recorded so far (nested
-by stage, as in metrics.json) and files in the run dir. Which metrics are better lower and
-which belong on the 0-1 bar plot comes from the caller (the metric registry lives in the
-evaluate package, which this package does not import).
+Reads only plain values: ``WhatRan`` (the specs and settings the report names, handed over by
+the report stage), the metrics recorded so far (nested by stage, as in metrics.json) and files
+in the run dir. Which metrics are better lower and which belong on the 0-1 bar plot comes from
+the caller (the metric registry lives in the evaluate package, which this package does not import).
 """
 
 from __future__ import annotations
@@ -11,12 +11,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from engine.files import shown_path
-from engine.report.blocks import Block
+from engine.model.names import display_name
+from engine.render.page import Block
 from engine.report.retrieval import retrieval_blocks
 from engine.report.rl import rl_blocks
+from engine.report.style import change, number
+from engine.runs import METRICS
+
+if TYPE_CHECKING:
+    from engine.data.spec import DataSpec
+    from engine.model import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -29,24 +36,52 @@ class Scales:
     """Always in [0, 1]: drawn on the base vs fine-tuned bar plot."""
 
 
-def build(run_dir: Path, cfg: Any, metrics: dict, scales: Scales) -> list[Block]:
+@dataclass(frozen=True)
+class WhatRan:
+    """What the report reads of the run's config: the report stage fills it from the validated specs."""
+
+    recipe: str
+    stages: list[str]
+    model: ModelSpec
+    data: DataSpec
+    quantization: str
+    """The kind of each of these groups (the report names it, nothing more)."""
+    adapter: str
+    loss: str
+    reward: str | None = None
+    """The reward kind, when the run has a reward group."""
+    split: str = "test"
+    """``eval.split``: the split whose metrics the report tables."""
+    report_examples: int = 5
+    """``eval.report_examples``: side-by-side generations shown."""
+    compare_run: str | None = None
+    """``eval.compare_run``: a finished run whose metrics are tabled beside this run's."""
+    notes: tuple[str, ...] = ()
+    """``eval.notes``: paragraphs under the evaluation table."""
+    evaluated_run: Path | None = None
+    """The finished run this one evaluates again (``eval.run_dir``): its train_log.jsonl is plotted."""
+
+
+def build(run_dir: Path, about: WhatRan, metrics: dict, scales: Scales) -> list[Block]:
     """All sections, in reading order; a section whose stage did not run is left out."""
     ev = metrics.get("evaluate", {})
-    out = [Block("p", _what_ran(run_dir, cfg, ev))]
+    out = [Block("p", _what_ran(run_dir, about, ev))]
     if "prepare_data" in metrics:
         out += [Block("h2", "Data"), Block("p", _data_line(metrics["prepare_data"]))]
     if "train" in metrics:
         out += [Block("h2", "Training"), Block("p", _train_line(metrics["train"]))]
-    log = _train_log(run_dir, getattr(cfg, "evaluated_run", None))
+    log = _train_log(run_dir, about.evaluated_run)
     if log:
         from engine.report.plots import loss_curve
 
-        out.append(Block("img", "Training loss per optimizer step", png=loss_curve(*zip(*log, strict=True)), name="loss.png"))
+        out.append(
+            Block("img", "Training loss per optimizer step", png=loss_curve(*zip(*log, strict=True)), path="plots/loss.png")
+        )
     if ev and "skipped" not in ev:
-        out += _evaluation(cfg.eval, ev, scales)
-        out += _samples(run_dir, cfg.eval.report_examples)
-    out += retrieval_blocks(metrics, cfg.eval.split, scales.lower_is_better)
-    out += rl_blocks(run_dir, metrics, getattr(getattr(cfg, "reward", None), "kind", None))
+        out += _evaluation(about, ev, scales)
+        out += _samples(run_dir, about.report_examples)
+    out += retrieval_blocks(metrics, about.split, scales.lower_is_better)
+    out += rl_blocks(run_dir, metrics, about.reward)
     out += _export(run_dir)
     out += _adapter_matrix(run_dir)
     plots = any(b.kind == "img" for b in out)  # written with the report, after this list is built
@@ -54,13 +89,13 @@ def build(run_dir: Path, cfg: Any, metrics: dict, scales: Scales) -> list[Block]
     return out
 
 
-def _what_ran(run_dir: Path, cfg: Any, ev: dict) -> str:
+def _what_ran(run_dir: Path, about: WhatRan, ev: dict) -> str:
     # Paths as shown_path gives them: the report is mailed and attached, so no local place in it.
-    model = getattr(cfg.model, "name_or_path", None) or getattr(cfg.model, "file", None) or cfg.model.kind
+    data = f"{about.data.kind} from `{shown_path(about.data.path, run_dir)}`"
     parts = [
-        f"Run dir `{shown_path(run_dir)}`; stages: {', '.join(cfg.stages)}.",
-        f"Model: {cfg.model.kind} ({shown_path(model, run_dir)}), quantization: {cfg.quantization.kind}, "
-        f"adapter: {cfg.adapter.kind}, loss: {cfg.loss.kind}; data: {cfg.data.kind} from `{shown_path(cfg.data.path, run_dir)}`.",
+        f"Run dir `{shown_path(run_dir)}`; stages: {', '.join(about.stages)}.",
+        f"Model: {about.model.kind} ({display_name(about.model)}), quantization: {about.quantization}, "
+        f"adapter: {about.adapter}, loss: {about.loss}; data: {data}.",
     ]
     if ev.get("evaluated_run"):
         parts.append(f"Evaluates the finished run `{ev['evaluated_run']}` (its config and trained weights).")
@@ -88,47 +123,32 @@ def _train_line(t: dict) -> str:
     return line
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def _change(name: str, base, tuned, lower_is_better: frozenset[str]) -> str:
-    if not isinstance(base, int | float) or not isinstance(tuned, int | float):
-        return ""
-    delta = tuned - base
-    better = delta < 0 if name in lower_is_better else delta > 0
-    mark = "" if abs(delta) < 1e-9 else (" better" if better else " worse")
-    return f"{delta:+.4f}{mark}"
-
-
 def _compare_table(names, tuned: dict, base: dict, scales: Scales, header=("base", "fine-tuned")) -> Block:
     if base:
         rows = [
-            [k, _fmt(base.get(k)), _fmt(tuned.get(k)), _change(k, base.get(k), tuned.get(k), scales.lower_is_better)]
+            [k, number(base.get(k)), number(tuned.get(k)), change(base.get(k), tuned.get(k), k in scales.lower_is_better)]
             for k in names
         ]
         return Block("table", header=["metric", *header, "change"], rows=rows)
-    return Block("table", header=["metric", header[1]], rows=[[k, _fmt(tuned.get(k))] for k in names])
+    return Block("table", header=["metric", header[1]], rows=[[k, number(tuned.get(k))] for k in names])
 
 
-def _evaluation(spec: Any, ev: dict, scales: Scales) -> list[Block]:
-    split = spec.split
+def _evaluation(about: WhatRan, ev: dict, scales: Scales) -> list[Block]:
+    split = about.split
     tuned, base_all = ev.get(split, {}), ev.get("base", {})
     base = base_all.get(split, {})
     names = [k for k in tuned if k not in ("numeric_examples",)]
     out = [Block("h2", f"Evaluation: base vs fine-tuned ({split} split, {ev.get('examples')} held-out examples)")]
     out += [Block("p", _evaluation_note(ev, names)), _compare_table(names, tuned, base, scales)]
-    if spec.compare_run:
-        out += _versus_run(spec.compare_run, split, names, tuned, scales)
-    out += [Block("p", text) for text in spec.notes]
+    if about.compare_run:
+        out += _versus_run(about.compare_run, split, names, tuned, scales)
+    out += [Block("p", text) for text in about.notes]
     unit = [k for k in names if k in scales.unit and isinstance(tuned.get(k), int | float)]
     if unit:
         from engine.report.plots import metric_bars
 
         png = metric_bars(unit, [base.get(k) for k in unit], [tuned.get(k) for k in unit], f"{split} split")
-        out.append(Block("img", "Base vs fine-tuned, metrics on a 0-1 scale", png=png, name="metrics.png"))
+        out.append(Block("img", "Base vs fine-tuned, metrics on a 0-1 scale", png=png, path="plots/metrics.png"))
     if ev.get("suites"):
         s_tuned, s_base = ev["suites"], base_all.get("suites", {})
         out += [Block("h2", "Behaviour suites (pass rate)"), _compare_table(list(s_tuned), s_tuned, s_base, scales)]
@@ -149,7 +169,7 @@ def _evaluation_note(ev: dict, names: list[str]) -> str:
 
 def _versus_run(run: str, split: str, names: list[str], tuned: dict, scales: Scales) -> list[Block]:
     """This run's fine-tuned metrics beside another finished run's (same split and metric names)."""
-    path = Path(run).expanduser() / "metrics.json"
+    path = Path(run).expanduser() / METRICS
     try:
         other_all = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -189,10 +209,10 @@ def _samples(run_dir: Path, n: int) -> list[Block]:
     return out
 
 
-def _train_log(run_dir: Path, evaluated) -> list[tuple[int, float]]:
-    """(step, loss) from train_log.jsonl here, or in the evaluated run's dir (``cfg.evaluated_run``;
+def _train_log(run_dir: Path, evaluated: Path | None) -> list[tuple[int, float]]:
+    """(step, loss) from train_log.jsonl here, or in the evaluated run's dir (``WhatRan.evaluated_run``;
     metrics.json shows that run without its local place, so the path comes from the config)."""
-    for d in [run_dir, evaluated.path if evaluated is not None else None]:
+    for d in [run_dir, evaluated]:
         if d is not None and (d / "train_log.jsonl").exists():
             rows = [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines() if x.strip()]
             return [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -226,9 +246,9 @@ def _export(run_dir: Path) -> list[Block]:
                 e.get("kind", ""),
                 fmt,
                 f"{e['bytes'] / 1e6:.1f}" if isinstance(e.get("bytes"), int) else "n/a",
-                _fmt(p.get("top1")),
+                number(p.get("top1")),
                 f"{p['max_dlogit']:.3g}" if isinstance(p.get("max_dlogit"), int | float) else "n/a",  # spans 1e-6 .. 10
-                _fmt(p.get("greedy")),
+                number(p.get("greedy")),
                 _limits_text(p),
                 _chat_text(p.get("chat_template")),
                 result,
@@ -294,8 +314,8 @@ def _adapter_matrix(run_dir: Path) -> list[Block]:
             [
                 f"{r['row']} ({r.get('kind')})",
                 scales,
-                *(_fmt(r.get(m)) for m in metrics),
-                *(_fmt(r.get("suites", {}).get(s)) for s in suites),
+                *(number(r.get(m)) for m in metrics),
+                *(number(r.get("suites", {}).get(s)) for s in suites),
                 *("n/a" if r.get(k) is None else f"{r[k]:.{digits}f}" for k, _, digits in LATENCY_COLUMNS),
             ]
         )

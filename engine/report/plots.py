@@ -1,33 +1,21 @@
-"""The report's plots, as PNG bytes (matplotlib, headless Agg back end)."""
+"""The report's plots, as PNG bytes (drawn with engine.render.plot: headless, closed after use)."""
 
 from __future__ import annotations
 
-import io
+from engine.render.plot import figure, png
 
 
 def _figure(width: float = 7.0, height: float = 3.4):
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(width, height), dpi=110)
+    """The report's look: one axes, no top and right spines, a light horizontal grid."""
+    fig, ax = figure(size=(width, height), dpi=110)
     ax.spines[["top", "right"]].set_visible(False)
     ax.grid(axis="y", alpha=0.3)
-    return plt, fig, ax
-
-
-def _png(plt, fig) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return fig, ax
 
 
 def metric_bars(names: list[str], base: list[float | None], tuned: list[float | None], title: str) -> bytes:
     """Grouped bars, base vs fine-tuned, for metrics on a 0..1 scale."""
-    plt, fig, ax = _figure(max(5.0, 1.1 * len(names) + 2))
+    fig, ax = _figure(max(5.0, 1.1 * len(names) + 2))
     x = list(range(len(names)))
     w = 0.38
     has_base = any(b is not None for b in base)
@@ -41,25 +29,17 @@ def metric_bars(names: list[str], base: list[float | None], tuned: list[float | 
     ax.set_ylim(0, 1.08)
     ax.set_title(title, fontsize=11)
     ax.legend(frameon=False, fontsize=9)
-    return _png(plt, fig)
+    return png(fig)
 
 
 def loss_curve(steps: list[int], losses: list[float]) -> bytes:
     """Training loss per optimizer step."""
-    plt, fig, ax = _figure()
-    ax.plot(steps, losses, color="#2b6cb0", linewidth=1.6, marker="o" if len(steps) < 30 else None, markersize=3)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title("Training loss", fontsize=11)
-    return _png(plt, fig)
+    return series_curve(steps, losses, ylabel="training loss", title="Training loss")
 
 
 def series_curve(steps: list[int], values: list[float], *, ylabel: str, title: str) -> bytes:
     """One value per optimizer step (e.g. GRPO's mean reward of the sampled answers)."""
-    plt, fig, ax = _figure()
+    fig, ax = _figure()
     ax.plot(steps, values, color="#2b6cb0", linewidth=1.6, marker="o" if len(steps) < 30 else None, markersize=3)
     from matplotlib.ticker import MaxNLocator
 
@@ -67,4 +47,4 @@ def series_curve(steps: list[int], values: list[float], *, ylabel: str, title: s
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
-    return _png(plt, fig)
+    return png(fig)

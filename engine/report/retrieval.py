@@ -8,13 +8,8 @@ model with vs without), and does the fine-tune still need it (base with retrieva
 
 from __future__ import annotations
 
-from engine.report.blocks import Block
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+from engine.render.page import Block
+from engine.report.style import number
 
 
 def retrieval_blocks(metrics: dict, split: str, lower_is_better: frozenset[str] = frozenset()) -> list[Block]:
@@ -39,12 +34,13 @@ def retrieval_blocks(metrics: dict, split: str, lower_is_better: frozenset[str] 
         names = [k for k in labelled if k != "queries"]
         out += [
             Block("p", f"On {labelled.get('queries')} labelled queries (binary relevance):"),
-            Block("table", header=names, rows=[[_fmt(labelled[k]) for k in names]]),
+            Block("table", header=names, rows=[[number(labelled[k]) for k in names]]),
         ]
     ev = metrics.get("evaluate", {})
     rag = ev.get("finetuned_rag", {}).get(split)
     if rag:
-        k = metrics.get("prepare_data", {}).get("retrieval_k")
+        added = {**metrics.get("prepare_data", {}), **built}  # build_index records these (prepare_data in older runs)
+        k = added.get("retrieval_k")
         columns = [
             ("base", ev.get("base", {}).get(split, {})),
             ("base + retrieval", ev.get("base_rag", {}).get(split, {})),
@@ -53,8 +49,8 @@ def retrieval_blocks(metrics: dict, split: str, lower_is_better: frozenset[str] 
         ]
         columns = [(name, values) for name, values in columns if values]
         names = [m for m in rag if isinstance(rag.get(m), int | float) and m != "numeric_examples"]
-        rows = [[m, *(_fmt(values.get(m)) for _, values in columns)] for m in names]
-        trained = metrics.get("prepare_data", {}).get("retrieval_in_training")
+        rows = [[m, *(number(values.get(m)) for _, values in columns)] for m in names]
+        trained = added.get("retrieval_in_training")
         note = (
             f"QA on the {split} split, the same questions with and without the top-{k} passages in the prompt "
             f"(the fine-tune was trained {'with' if trained else 'without'} them). Base + retrieval vs fine-tuned "
@@ -76,4 +72,4 @@ def _verdict(metric: str, ev: dict, split: str, lower_is_better: frozenset[str])
     else:
         better = tuned < base_rag if metric in lower_is_better else tuned > base_rag
         ahead = "fine-tuned ahead" if better else "base + retrieval ahead"
-    return f"{metric}: fine-tuned without retrieval {_fmt(tuned)} vs base with retrieval {_fmt(base_rag)} ({ahead})."
+    return f"{metric}: fine-tuned without retrieval {number(tuned)} vs base with retrieval {number(base_rag)} ({ahead})."

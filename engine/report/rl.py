@@ -10,20 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.report.blocks import Block
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def _change(base, tuned) -> str:
-    if not isinstance(base, int | float) or not isinstance(tuned, int | float):
-        return ""
-    delta = tuned - base
-    return f"{delta:+.4f}" + ("" if abs(delta) < 1e-9 else (" better" if delta > 0 else " worse"))
+from engine.render.page import Block
+from engine.report.style import change, number
 
 
 def rl_blocks(run_dir: Path, metrics: dict, reward_kind: str | None = None) -> list[Block]:
@@ -41,9 +29,9 @@ def rl_blocks(run_dir: Path, metrics: dict, reward_kind: str | None = None) -> l
                 f"{g.get('steps')} steps of {per_step} prompt{'' if per_step == 1 else 's'} x {g.get('group_size')} sampled "
                 f"answers ({g.get('completions')} answers scored"
                 + (f" by a reward of kind {reward_kind}" if reward_kind else "")
-                + f"); mean reward of the first {g.get('reward_window')} steps {_fmt(g.get('reward_first'))}, "
-                f"of the last {g.get('reward_window')} {_fmt(g.get('reward_last'))}; final KL to the base "
-                f"{_fmt(g.get('final_kl'))}; {g.get('train_seconds')} s. Every scored answer is in samples.jsonl.",
+                + f"); mean reward of the first {g.get('reward_window')} steps {number(g.get('reward_first'))}, "
+                f"of the last {g.get('reward_window')} {number(g.get('reward_last'))}; final KL to the base "
+                f"{number(g.get('final_kl'))}; {g.get('train_seconds')} s. Every scored answer is in samples.jsonl.",
             )
         )
         curve = _reward_curve(run_dir)
@@ -53,13 +41,13 @@ def rl_blocks(run_dir: Path, metrics: dict, reward_kind: str | None = None) -> l
         rows = [
             [
                 "reward (total)",
-                _fmt(held_out.get("base")),
-                _fmt(held_out.get("finetuned")),
-                _change(held_out.get("base"), held_out.get("finetuned")),
+                number(held_out.get("base")),
+                number(held_out.get("finetuned")),
+                change(held_out.get("base"), held_out.get("finetuned")),
             ]
         ]
         for name, v in (held_out.get("parts") or {}).items():
-            rows.append([name, _fmt(v.get("base")), _fmt(v.get("finetuned")), _change(v.get("base"), v.get("finetuned"))])
+            rows.append([name, number(v.get("base")), number(v.get("finetuned")), change(v.get("base"), v.get("finetuned"))])
         out += [
             Block(
                 "p", f"Reward on held-out prompts ({held_out.get('examples')} answers per model, greedy, the evaluate stage's):"
@@ -80,4 +68,4 @@ def _reward_curve(run_dir: Path) -> Block | None:
     from engine.report.plots import series_curve
 
     png = series_curve(*zip(*points, strict=True), ylabel="mean reward of the sampled answers", title="GRPO reward")
-    return Block("img", "Mean reward of the sampled answers per step", png=png, name="reward.png")
+    return Block("img", "Mean reward of the sampled answers per step", png=png, path="plots/reward.png")

@@ -15,7 +15,8 @@ The package takes plain arguments (specs, texts, models, paths) and knows nothin
   index.py      FAISS index kinds, streamed build, save/load with meta.json, search with exclusions
   prompts.py    top-k passages into each prompt through ``retrieval.template``, cached per split
   metrics.py    recall@k, MRR, nDCG@k on labelled queries
-The build_index stage (engine/stages/build_index.py) calls them; see docs/retrieval.md.
+  run.py        a run's retrieval: ``open_index`` (load, reuse or build; score), ``add_passages``
+The build_index stage (engine/stages/build_index.py) calls run.py; see docs/retrieval.md.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ checkpoints through HF Trainer: its checkpoint dirs are not written atomically o
 resume skips data by replaying its sampler, and an identical continuation of the sampled
 completions is not part of its contract. It also wants its own dataset, template and reward
 function objects rather than engine's prepared splits, stops and reward group. The loop itself
-is short, so it is ours, and it reuses the train loop's optimizer, schedule, checkpoint files,
-loggers and signal handling.
+is short, so it is ours, and it runs on the scaffold it shares with engine/train/loop.py: job and
+progress types, optimizer and schedule, outputs and loggers, signals, checkpoints and the final adapter.
 """
 
 from __future__ import annotations
@@ -30,115 +30,55 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import statistics
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO
 
 import torch
 
 from engine.errors import ConfigError, UserError
 from engine.evaluate.generation import stop_config
-from engine.files import portable_config, shown_path
+from engine.files import shown_path
+from engine.reward import RewardItem, items_from_examples
+from engine.rl.job import GrpoJob, GrpoState
 from engine.rl.objective import completion_logprobs, group_advantages, sequence_terms
 from engine.rl.sampling import PromptStream, Samples, sample
-from engine.speed.apply import speedups
 from engine.train import checkpoint as ckpt_io
-from engine.train.loop import (
-    Diverged,
-    Interrupted,
-    StopOnSignal,
-    load_trainable,
-    lr_lambda,
-    make_optimizer,
-    reapply_hyperparameters,
-    save_adapter,
-)
+from engine.train.guard import Diverged
+from engine.train.job import Run
+from engine.train.loggers import plot
+from engine.train.optim import optimize, total_steps
+from engine.train.saving import resume, save_adapter, save_checkpoint, uses_accelerate_state
+from engine.train.scaffold import LOG, outputs, read_log, speed_switches
+from engine.train.signals import raise_if_interrupted
 
 SAMPLES = "samples.jsonl"
 
 
-@dataclass(frozen=True)
-class GrpoJob:
-    """What one GRPO run needs, as plain values (the train_grpo stage builds it from the run context)."""
-
-    cfg: Any
-    """The validated RunConfig (grpo, train, model, seed and raw are read)."""
-    run_dir: Path
-    accelerator: Any
-    model: Any
-    """The policy: base + a trainable adapter (a PEFT model when grpo.beta > 0)."""
-    tokenizer: Any
-    data: Any
-    """The prepared DataBundle: prompts of ``grpo.split``, rendered with its template."""
-    reward: Any
-    """An ``engine.reward`` Reward: ``score(completions, items) -> [Scored]``."""
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-
-@dataclass
-class GrpoState:
-    """Progress a checkpoint carries besides tensors."""
-
-    step: int = 0
-    data_position: int = 0
-    """Prompts taken from the stream so far: where resume continues."""
-    completions: int = 0
-    tokens: int = 0
-    """Completion tokens sampled so far."""
-
-
-@dataclass
-class _Run:
-    """What set-up hands to every step and to finish."""
+@dataclass(kw_only=True)
+class GrpoRun(Run):
+    """A Run of this loop: the prompts, their stream and how sampling stops."""
 
     job: GrpoJob
-    model: Any
-    optimizer: Any
-    scheduler: Any
-    params: list
+    state: GrpoState
     prompts: list[str]
     """Every prompt of the split, rendered up to the assistant's turn."""
-    items: list
-    """The reward's view of each example (RewardItem), same order as ``prompts``."""
+    items: list[RewardItem]
+    """The reward's view of each example, same order as ``prompts``."""
     stream: PromptStream
     eos_ids: list[int]
     stops: list[str]
-    steps: int
-    state: GrpoState
-    resumed_from: int | None
-    t_start: float = 0.0
-    tokens_now: int = 0
-    stopped: str | None = None
-    log: Any = None
-    samples_log: Any = None
-    """samples.jsonl: every scored completion (step, prompt index in the split, text, reward, parts)."""
-    sinks: Any = None
-    progress: Any = None
-    stop: Any = None
+    samples_log: IO | None = None
+    """samples.jsonl (rank 0): every scored completion (step, prompt index in the split, text, reward, parts)."""
 
 
 def train_grpo(job: GrpoJob) -> dict:
     """One GRPO run: set up, step until done (or stopped), finish. Returns its metrics."""
-    tcfg = job.cfg.train
-    with speedups(
-        job.model,
-        device_type=job.accelerator.device.type,
-        packing=False,
-        keep_freed_memory=tcfg.keep_freed_memory,
-        fused_ops=tcfg.fused_ops,
-        compile=tcfg.compile,
-        mixed_precision=job.accelerator.mixed_precision,
-    ) as speed:
-        if job.is_main:
-            print(f"[engine] speed-ups: {speed.switches.summary()}", flush=True)
+    with speed_switches(job, packing=False) as speed:
         run = set_up(job)
-        with _outputs(run):
+        with outputs(run, "grpo") as run.out, _samples_log(run) as run.samples_log:
             for step in range(run.state.step + 1, run.steps + 1):
                 grpo_step(run, step)
                 if run.stopped:
@@ -149,9 +89,9 @@ def train_grpo(job: GrpoJob) -> dict:
 # ---------------------------------------------------------------- set-up
 
 
-def set_up(job: GrpoJob) -> _Run:
-    """Prompts and their stream, optimizer and schedule, then the resume point (RNG last)."""
-    cfg, acc, tcfg, g = job.cfg, job.accelerator, job.cfg.train, job.cfg.grpo
+def set_up(job: GrpoJob) -> GrpoRun:
+    """Prompts and their stream, optimizer and schedule, then the resume point (RNG included)."""
+    acc, tcfg, g = job.accelerator, job.train, job.grpo
     if acc.num_processes > 1:
         raise UserError(
             f"train_grpo runs in one process (sampling and updates share one model); this launch has "
@@ -159,11 +99,9 @@ def set_up(job: GrpoJob) -> _Run:
         )
     if job.reward is None:
         raise ConfigError("reward: train_grpo needs a reward to score completions; choose a preset, e.g. reward=format_numeric")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(job.seed)
 
     # 1. Prompts: the split's examples rendered as generation prompts, in a seeded order per epoch.
-    from engine.reward import items_from_examples
-
     examples = job.data.splits.get(g.split) or []
     if not examples:
         raise UserError(
@@ -172,87 +110,52 @@ def set_up(job: GrpoJob) -> _Run:
         )
     prompts = [job.data.prompt_text(ex, job.tokenizer) for ex in examples]
     eos_ids, stops = stop_config(job.data.template, job.tokenizer, [])
-    steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * len(examples) / g.prompts_per_step))
+    steps = total_steps(tcfg, len(examples), g.prompts_per_step)
 
     # 2. Optimizer and schedule (the train group's) over the trainable parameters only.
-    model = job.model
-    optimizer = make_optimizer(tcfg, [p for p in model.parameters() if p.requires_grad], acc.device.type)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg.schedule, tcfg.warmup_steps, steps))
-    model, optimizer = acc.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, optimizer, scheduler, params = optimize(job, steps)
+    sharded = uses_accelerate_state(acc)
 
-    # 3. Resume from the newest intact checkpoint; its RNG state is restored last, so the next
-    #    step samples exactly what it would have sampled in an uninterrupted run.
-    state, resumed_from = GrpoState(), None
-    found = ckpt_io.resume_checkpoint(job.run_dir, is_main=job.is_main) if tcfg.resume != "never" else None
-    if found is not None:
-        data = ckpt_io.load_checkpoint(found)
-        load_trainable(acc, model, data["tensors"])
-        optimizer.load_state_dict(data["optimizer"])
-        scheduler.load_state_dict(data["scheduler"])
-        fields = GrpoState.__dataclass_fields__
-        state = GrpoState(**{k: v for k, v in data["state"].items() if k in fields})
-        resumed_from = state.step
-        if steps < state.step:
-            raise ConfigError(
-                f"train.max_steps: this run now has {steps} steps, but its checkpoint is at step {state.step}: "
-                f"set train.max_steps to at least {state.step}, or start over with train.resume=never"
-            )
-        ckpt_io.set_rng_state(data["rng"][0])
-    reapply_hyperparameters(optimizer, scheduler, tcfg)
-    return _Run(
+    # 3. Resume from the newest intact checkpoint; its RNG state is restored with it, so the
+    #    next step samples exactly what it would have sampled in an uninterrupted run.
+    state, resumed_from = resume(job, model, optimizer, scheduler, sharded=sharded, steps=steps, fresh=GrpoState())
+    return GrpoRun(
         job=job,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
         params=params,
-        prompts=prompts,
-        items=items_from_examples(examples),
-        stream=PromptStream(len(examples), cfg.seed),
-        eos_ids=eos_ids,
-        stops=stops,
+        sharded=sharded,
         steps=steps,
         state=state,
         resumed_from=resumed_from,
+        prompts=prompts,
+        items=items_from_examples(examples),
+        stream=PromptStream(len(examples), job.seed),
+        eos_ids=eos_ids,
+        stops=stops,
     )
 
 
 @contextlib.contextmanager
-def _outputs(run: _Run):
-    """train_log.jsonl, the metric sinks, the progress bar and the signal handler while steps run."""
-    from tqdm.auto import tqdm
-
-    from engine.train.loggers import Loggers
-
-    job = run.job
-    log_path = job.run_dir / "train_log.jsonl"
-    if job.is_main:
-        ckpt_io.truncate_log(log_path, run.state.step)
-        ckpt_io.truncate_log(job.run_dir / SAMPLES, run.state.step)
-        run.log = open(log_path, "a")
-        run.samples_log = open(job.run_dir / SAMPLES, "a")
-        run.sinks = Loggers(job.cfg.train.loggers, job.run_dir, start_step=run.state.step, config=portable_config(job.cfg.raw))
-    run.stop = StopOnSignal()
-    run.progress = tqdm(total=run.steps, initial=run.state.step, desc="grpo", disable=not job.is_main, dynamic_ncols=True)
-    run.t_start = time.perf_counter()
-    try:
-        yield
-    finally:
-        run.stop.restore()
-        run.progress.close()
-        if run.log:
-            run.log.close()
-            run.samples_log.close()
-            run.sinks.close()
+def _samples_log(run: GrpoRun) -> Iterator[IO | None]:
+    """samples.jsonl, cut back to the resumed step like train_log.jsonl (rank 0; None elsewhere)."""
+    if not run.job.is_main:
+        yield None
+        return
+    path = run.job.run_dir / SAMPLES
+    ckpt_io.truncate_log(path, run.state.step)
+    with open(path, "a") as f:
+        yield f
 
 
 # ---------------------------------------------------------------- one step
 
 
-def grpo_step(run: _Run, step: int) -> None:
+def grpo_step(run: GrpoRun, step: int) -> None:
     """Sample, score, update ``grpo.iterations`` times, log, maybe checkpoint."""
     job, state, acc = run.job, run.state, run.job.accelerator
-    g, tcfg = job.cfg.grpo, job.cfg.train
+    g, tcfg = job.grpo, job.train
     t0 = time.perf_counter()
 
     # 4. The next prompts from the stream, each repeated group_size times for the reward.
@@ -307,23 +210,19 @@ def grpo_step(run: _Run, step: int) -> None:
     state.tokens += tokens
     run.tokens_now += tokens
     rec = _record(step, loss, lr, scored, rewards, g.group_size, kl, clipped, samples, time.perf_counter() - t0)
-    if run.log:
-        run.log.write(json.dumps(rec) + "\n")
-        run.log.flush()
-        run.sinks.log(rec)
+    run.out.record(rec)
+    if run.samples_log:
         for k, (text, s) in enumerate(zip(samples.texts, scored, strict=True)):
             row = {"step": step, "prompt": picked[k // g.group_size], "text": text, "reward": s.value, "parts": s.parts}
             run.samples_log.write(json.dumps(row, ensure_ascii=False) + "\n")
         run.samples_log.flush()
     ckpt_io.crash_point("step", step)
-    if run.stop.requested(acc):
+    if run.out.stop.requested(acc):
         run.stopped = "signal"
     due = tcfg.save_every and step % tcfg.save_every == 0
     if due or run.stopped or step == run.steps:
-        _save(run)
-    run.progress.update(1)
-    if step % tcfg.log_every == 0 or step == run.steps:
-        run.progress.set_postfix(reward=f"{rec['reward_mean']:.3f}", kl=f"{kl:.4f}")
+        save_checkpoint(run, protect=set())
+    run.out.advance(step, last=step == run.steps, reward=f"{rec['reward_mean']:.3f}", kl=f"{kl:.4f}")
 
 
 def _chunks(n: int, size: int):
@@ -345,29 +244,29 @@ def sequence_logprobs(model, samples: Samples, *, rows: int, temperature: float,
     return torch.cat(out)
 
 
-def _logprobs(run: _Run, samples: Samples, *, adapter: bool) -> torch.Tensor:
+def _logprobs(run: GrpoRun, samples: Samples, *, adapter: bool) -> torch.Tensor:
     acc = run.job.accelerator
     return sequence_logprobs(
         acc.unwrap_model(run.model),
         samples,
-        rows=run.job.cfg.train.micro_batch_size,
-        temperature=run.job.cfg.grpo.temperature,
+        rows=run.job.train.micro_batch_size,
+        temperature=run.job.grpo.temperature,
         adapter=adapter,
         autocast=acc.autocast,
     )
 
 
-def _update(run: _Run, samples: Samples, advantages, old, ref) -> tuple[float, float, float]:
+def _update(run: GrpoRun, samples: Samples, advantages, old, ref) -> tuple[float, float, float]:
     """One optimizer step's gradients over every completion (micro-batches of train.micro_batch_size rows).
 
     Each micro-batch adds its completions' summed losses / all completions, so the gradient is
     that of the mean over the whole step whatever the micro-batch size. Returns the loss, the
     mean KL and the fraction of completion tokens clipped.
     """
-    acc, g = run.job.accelerator, run.job.cfg.grpo
+    acc, g = run.job.accelerator, run.job.grpo
     rows = samples.input_ids.shape[0]
     loss_sum = kl_sum = clipped = tokens = 0.0
-    for part in _chunks(rows, run.job.cfg.train.micro_batch_size):
+    for part in _chunks(rows, run.job.train.micro_batch_size):
         with acc.autocast():
             logp = completion_logprobs(
                 run.model, samples.input_ids[part], samples.attention_mask[part], samples.width, g.temperature
@@ -416,53 +315,18 @@ def _record(step, loss, lr, scored, rewards, group_size, kl, clipped, samples: S
     return rec
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def _save(run: _Run) -> None:
-    """The train loop's checkpoint files: trainable weights, optimizer, scheduler, RNG, progress."""
-    job, acc, state = run.job, run.job.accelerator, run.state
-    if not job.is_main:
-        return
-    inner = acc.unwrap_model(run.model)
-    ckpt_io.write_checkpoint(
-        job.run_dir,
-        state.step,
-        tensors={n: p for n, p in inner.named_parameters() if p.requires_grad},
-        optimizer=run.optimizer.state_dict(),
-        scheduler=run.scheduler.state_dict(),
-        rng=[ckpt_io.rng_state()],
-        state={
-            **asdict(state),
-            "config_hash": ckpt_io.config_hash(job.cfg.raw),
-            "config": ckpt_io.hashed_config(job.cfg.raw),
-            "processes": 1,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        },
-    )
-    ckpt_io.rotate(job.run_dir, job.cfg.train.keep_last, set())
-
-
 # ---------------------------------------------------------------- finish
 
 
-def finish(run: _Run) -> dict:
+def finish(run: GrpoRun) -> dict:
     """After the last step: report a signal stop, save the adapter, summarise."""
     job, state, acc = run.job, run.state, run.job.accelerator
-    if run.stopped == "signal":
-        where = ckpt_io.checkpoints_dir(job.run_dir) / f"step-{state.step}"
-        raise Interrupted(
-            f"interrupted by {signal.Signals(run.stop.signum).name} after step {state.step}; checkpoint {where} written. "
-            f"Re-run the same command with hydra.run.dir={job.run_dir} to continue.",
-            run.stop.signum,
-        )
-    elapsed = time.perf_counter() - run.t_start
-    adapter_dir = save_adapter(job, run.model)
-    log_path = job.run_dir / "train_log.jsonl"
-    recs = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.exists() else []
-    if job.is_main and job.cfg.train.plot and recs:
-        from engine.train.loggers import plot
-
+    raise_if_interrupted(run)
+    elapsed = time.perf_counter() - run.out.t_start
+    adapter_dir = save_adapter(job, run.model, sharded=run.sharded)
+    log_path = job.run_dir / LOG
+    recs = read_log(log_path)
+    if job.is_main and job.train.plot and recs:
         plot(log_path, job.run_dir / "loss.png")
     window = max(1, min(5, len(recs) // 4 or 1))
     rewards = [r["reward_mean"] for r in recs if "reward_mean" in r]
@@ -472,7 +336,7 @@ def finish(run: _Run) -> dict:
         "stopped": run.stopped or "completed",
         "prompts": state.data_position,
         "completions": state.completions,
-        "group_size": job.cfg.grpo.group_size,
+        "group_size": job.grpo.group_size,
         "first_loss": recs[0]["loss"] if recs else None,
         "final_loss": recs[-1]["loss"] if recs else None,
         "reward_first": round(statistics.fmean(rewards[:window]), 4) if rewards else None,

@@ -5,18 +5,24 @@ Kinds (the preset is the backend; ``serve=hf`` swaps the whole subtree):
             LoRA adapters, through llama-cpp-python; adapters switch and blend at runtime.
   hf        transformers + PEFT adapters on any device (the run's own base and adapter dirs).
 
-Layout: ``backend`` (the contract every backend implements), ``backends/`` (one module per
-kind), ``adapters`` (which adapter files may load: configured directories only), ``openai``
-(OpenAI's request bodies and error shape), ``app`` (the FastAPI routes, auth, queue, adapter
-switching), ``server`` (uvicorn on a bound socket, clean stop on SIGTERM), ``chat`` (the terminal
-chat) and ``matrix`` (the adapter QA matrix). The serve stage (engine/stages/serve.py) builds a
-backend from the spec and runs the app under uvicorn; the chat and adapter_matrix stages drive
-the same backend directly, without HTTP.
+Layout, from the stages down:
+  server.py    ``serve``: the serve stage's work (open the backend, run the app under uvicorn)
+  chat.py      ``terminal_chat``: the chat stage's work; the conversation loop
+  matrix.py    ``adapter_matrix``: the adapter_matrix stage's work; the QA matrix
+  backends/    ``open_backend`` and one module per kind: its spec, its builder, its backend
+  backend.py   the contract: what a builder gets (``BackendSource``) and gives (``Opened``),
+               and the ``Backend`` protocol the routes, the chat and the matrix drive
+  adapters.py  which adapter files may load: configured directories only
+  app.py       the FastAPI routes (then state, limits, worker, stream, guard; see its doc)
+  openai.py    OpenAI's request bodies and error shape
+  ui.py        the page and its read-only runs view
+
+Adding a backend: a module in backends/ (a ``ServeSpec`` subclass and a builder registered
+here under the preset's ``kind``, see backend.py), its import in backends/__init__.py, and a
+preset YAML in engine/conf/serve/.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -102,12 +108,3 @@ class ServeSpec(Spec):
     """The terminal chat over this backend (recipe chat)."""
     matrix: MatrixOptions = MatrixOptions()
     """The adapter QA matrix over this backend (stage adapter_matrix)."""
-
-
-class LlamaCppSpec(ServeSpec):
-    gguf: str | None = None
-    """Base GGUF inside adapter_dirs or a run's export dir; None: the model group's packaged GGUF."""
-
-
-class HfSpec(ServeSpec):
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"

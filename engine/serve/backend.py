@@ -8,6 +8,13 @@ Concurrency contract: the app calls ``generate`` from one worker at a time per b
 bounded queue in front), so a backend never sees two generations at once. The adapter set
 of a request is fixed before its first token (``GenerateRequest.adapters``): switching the
 server's active set between requests never mixes adapters within one response.
+
+How a backend is opened: every kind registers one builder in ``SERVERS`` under its preset's
+``kind`` (engine/serve/backends/<kind>.py), all with one signature,
+``build_<kind>(spec, *, source: BackendSource, adapters: dict[str, Found]) -> Opened``. The
+source is the same for every kind; each builder reads what it needs from it (hf: the model and
+quantization specs and the evaluated run's PEFT dirs; llamacpp: a GGUF base and the run's GGUF
+LoRA). ``engine.serve.backends.open_backend`` is the one caller.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from engine.errors import UserError
 
@@ -95,6 +103,38 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Free the model (llama.cpp wants an explicit close before interpreter exit)."""
+
+
+@dataclass(frozen=True)
+class BackendSource:
+    """What a backend serves besides its preset: one shape for every kind, plain values only."""
+
+    model: Any
+    """The model group's spec: the base (after a full fine-tune, validation points it at the run's model/)."""
+    quantization: Any = None
+    """The quantization group's spec: how the run built the base (hf de-quantizes it, as export does); None: none."""
+    adapter: Any = None
+    """The adapter group's spec; a layered run's ``scales`` weigh its levels."""
+    evaluated: Path | None = None
+    """The finished run of ``eval.run_dir``: its trained weights load, active for the base's id."""
+    out_dir: Path | None = None
+    """This run's dir: where a backend writes what it must make first (llamacpp: the run's LoRA as GGUF)."""
+
+    @property
+    def scales(self) -> list[float] | None:
+        """The level scales of a layered adapter (None: as trained)."""
+        return list(getattr(self.adapter, "scales", None) or []) or None
+
+
+@dataclass
+class Opened:
+    """A built backend and the adapter set it starts with."""
+
+    backend: Backend
+    """Every adapter of serve.adapters and of the evaluated run loaded, none active yet."""
+    active: tuple[AdapterScale, ...] = ()
+    """The set requests to the base's id get at start: the evaluated run's adapter (a layered run's
+    levels with their scales), else none."""
 
 
 class PromptTooLong(UserError):

@@ -10,6 +10,9 @@ stays; a single message too long for the context is refused with its size.
 
 Ctrl-C while an answer streams stops that answer (what was shown stays in the history);
 Ctrl-C or EOF at the prompt ends the chat cleanly, as ``/exit`` does.
+
+``terminal_chat`` is the chat stage's work: the ``serve`` preset's backend opened as the serve
+stage opens it (``open_backend``), the ``serve.chat`` settings, then ``chat``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from pathlib import Path
 from typing import TextIO
 
 from engine.errors import UserError
-from engine.serve.backend import AdapterScale, Backend, GenerateRequest
+from engine.serve import ServeSpec
+from engine.serve.backend import AdapterScale, Backend, BackendSource, GenerateRequest
+from engine.serve.backends import open_backend
 
 HELP = """commands:
   /reset                      clear the conversation (the system message stays)
@@ -303,6 +308,37 @@ def chat(
         stdout.write("\n")
     session.say("bye")
     return {"turns": session.turns, "ended_by": ended_by, "active": {a.name: a.scale for a in session.active}}
+
+
+def terminal_chat(spec: ServeSpec, source: BackendSource, *, transcript: Path) -> dict:
+    """Open the preset's backend and chat over it with the ``serve.chat`` settings; close it after.
+
+    The set active at start is ``serve.chat.adapters`` if given, else the evaluated run's
+    adapter (if any). Returns the chat stage's metrics.
+    """
+    options = spec.chat
+    opened = open_backend(spec, source)
+    backend = opened.backend
+    try:
+        start = opened.active
+        if options.adapters:
+            args = [str(x) for name, scale in options.adapters.items() for x in (name, scale)]
+            try:
+                start = parse_adapter_args(args, [a.name for a in backend.adapters()])
+            except UserError as e:
+                raise UserError(f"serve.chat.adapters: {str(e).removeprefix('/adapter: ')}") from None
+        settings = ChatSettings(
+            max_tokens=options.max_tokens or spec.default_max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
+            system=options.system,
+            adapters=start,
+        )
+        result = chat(backend, settings, transcript=transcript)
+    finally:
+        backend.close()
+    return {"backend": spec.kind, "model": backend.model_id, **result}
 
 
 def _read(stdin: TextIO, stdout: TextIO, interactive: bool) -> str | None:

@@ -14,6 +14,9 @@ suites' (scored by their checks: pass rate per suite and overall).
 Latency per row, over all its answers: time to first token p50 (prompt processing plus the
 first token), tokens/s p50 (per answer, the tokens after the first over the time after the
 first: the decode rate, as bench/serve_load.py counts it), and the row's total seconds.
+
+``adapter_matrix`` is the adapter_matrix stage's work: the prompts from the prepared data and
+``eval``, the ``serve`` preset's backend opened as the serve stage opens it, the rows, the files.
 """
 
 from __future__ import annotations
@@ -22,12 +25,19 @@ import csv
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from engine.data import DataBundle
+from engine.errors import UserError
 from engine.evaluate import metrics as M
 from engine.evaluate import suites as suite_lib
-from engine.serve.backend import AdapterScale, Backend, GenerateRequest
+from engine.evaluate.spec import EvalSpec
+from engine.serve import ServeSpec
+from engine.serve.backend import AdapterScale, Backend, BackendSource, GenerateRequest
+from engine.serve.backends import open_backend
 
 SEED = 0
 
@@ -67,13 +77,73 @@ class MatrixJob:
     progress: bool = True
 
 
+def adapter_matrix(
+    spec: ServeSpec,
+    source: BackendSource,
+    *,
+    ev: EvalSpec,
+    data: DataBundle,
+    tokenizer: Callable[[], Any],
+    out_dir: Path,
+    main: bool = True,
+) -> dict:
+    """Open the preset's backend, run the matrix over it, write its files; returns the stage's metrics.
+
+    Args:
+        spec: the serve preset (backend, adapters, ``matrix.blends``, ``matrix.metrics``).
+        source: the base and the evaluated run whose adapter is a row too.
+        ev: the eval group: ``split``, ``max_examples``, ``max_new_tokens``, ``suites``, stops, refusals.
+        data: the prepared data (its held-out split and its template's end of turn, a stop).
+        tokenizer: the run's tokenizer, loaded only once there is something to ask.
+        out_dir: the run dir for adapter_matrix.json / .csv / .jsonl.
+        main: print progress and write the files (rank 0).
+    """
+    from engine.evaluate.generation import end_of_turn  # imports torch
+
+    examples = data.splits[ev.split][: ev.max_examples]
+    suites = [suite_lib.load(name) for name in ev.suites]
+    if not examples and not suites:
+        raise UserError(
+            f"adapter_matrix: the {ev.split} split is empty and eval.suites is []; nothing to ask. "
+            "Pick another eval.split or add eval.suites=[format,facts,safety]"
+        )
+    eot = end_of_turn(data.template, tokenizer())
+    backend = open_backend(spec, source).backend
+    try:
+        job = MatrixJob(
+            backend=backend,
+            rows=rows_for([a.name for a in backend.adapters()], spec.matrix.blends),
+            held_out=[HeldOut(e.prompt_messages, e.reference) for e in examples],
+            max_tokens=ev.max_new_tokens,
+            metrics=list(spec.matrix.metrics),
+            suites=suites,
+            refusal_patterns=list(ev.refusal_patterns),
+            stop=tuple(dict.fromkeys([*ev.stop, *([eot] if eot else [])])),
+            progress=main,
+        )
+        result = run_matrix(job)
+    finally:
+        backend.close()
+    about = {
+        "backend": spec.kind,
+        "model": backend.model_id,
+        "split": ev.split,
+        "held_out": result["held_out"],
+        "suites": [s.name for s in suites],  # names, not the paths eval.suites may give
+        "suite_prompts": result["suite_prompts"],
+        "metrics": list(spec.matrix.metrics),
+        "max_tokens": ev.max_new_tokens,
+        "decoding": "greedy (temperature 0)",
+    }
+    files = write_matrix(result, out_dir, about=about) if main else {}
+    return {**about, "rows": {r["row"]: {k: v for k, v in r.items() if k != "row"} for r in result["rows"]}, **files}
+
+
 def rows_for(adapters: list[str], blends: dict[str, dict[str, float]]) -> list[Row]:
     """base, each adapter alone at scale 1, then each blend: the matrix's rows in order.
 
     Raises ``UserError`` when a blend names an adapter that is not loaded, or a label repeats.
     """
-    from engine.errors import UserError
-
     rows = [Row("base"), *(Row(name, "adapter", (AdapterScale(name, 1.0),)) for name in adapters)]
     for label, scales in blends.items():
         if label in {r.name for r in rows}:

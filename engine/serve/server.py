@@ -1,4 +1,5 @@
-"""Run an app under uvicorn: bound before the URL is printed, stopped cleanly on SIGTERM.
+"""The serve stage's work (``serve``), and an app under uvicorn: bound before the URL is printed,
+stopped cleanly on SIGTERM.
 
 Why bind the socket here: with ``serve.port=0`` the OS picks the port, and the printed URL
 must be the real one; binding first also means a client that reads the URL can connect at
@@ -22,8 +23,53 @@ import socket
 import threading
 from collections.abc import Callable
 
+from engine.errors import UserError
+from engine.serve import ServeSpec
+from engine.serve.backend import BackendSource
+from engine.serve.backends import adapter_fence, open_backend
+
 GRACE_S = 10
 """Seconds running responses get to finish after SIGTERM before their streams are ended."""
+
+
+def serve(spec: ServeSpec, source: BackendSource) -> dict:
+    """Open the preset's backend, serve it under OpenAI's API until SIGTERM / Ctrl-C, close it.
+
+    Prints ``Serving on http://HOST:PORT (playground at .../, OpenAI API at .../v1)``. With an
+    evaluated run its adapter is active for the base's id, and its dir is an adapter directory
+    too (more of its files load through POST /lora-adapters). Returns the serve stage's metrics.
+    """
+    # FastAPI and pydantic-settings load when serving, not each time a config is validated.
+    from engine.serve.app import build_app
+    from engine.settings import settings
+
+    opened = open_backend(spec, source)
+    backend = opened.backend
+    loaded = [a.name for a in backend.adapters()]
+    key = settings().engine_api_key.get_secret_value() if spec.api_key else None
+    fence = adapter_fence(spec, source.evaluated)
+    app = build_app(backend, spec, api_key=key, adapter_dirs=fence, outputs_dir=spec.runs_dir)
+    server = app.state.server
+    server.active = opened.active
+    try:
+        url, stopped_by = run(app, spec.host, spec.port, announce=_announce)
+    finally:
+        server.worker.shutdown(wait=True, cancel_futures=True)
+        backend.close()
+    print(f"[engine] serve: stopped ({stopped_by or 'shutdown'}); {server.served} requests answered", flush=True)
+    return {
+        "url": url,
+        "backend": spec.kind,
+        "model": backend.model_id,
+        "adapters": loaded,
+        "active": {a.name: a.scale for a in opened.active},
+        "stopped_by": stopped_by,
+        "requests": server.served,
+    }
+
+
+def _announce(url: str) -> None:
+    print(f"Serving on {url} (playground at {url}/, OpenAI API at {url}/v1)", flush=True)
 
 
 def is_loopback(host: str) -> bool:
@@ -44,8 +90,6 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        from engine.errors import UserError
-
         raise UserError(
             f"serve: cannot listen on {host}:{port} ({e.strerror}); pick another serve.port (0: any free one)"
         ) from None

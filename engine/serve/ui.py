@@ -36,8 +36,9 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, RedirectResponse
 
-from engine.files import read_json_record
+from engine.runs import flatten, lookup, overall, read_metrics, status_of
 from engine.serve.openai import ApiError
+from engine.sweep.summary import recorded_statuses
 
 STATIC = Path(__file__).parent / "static"
 
@@ -141,8 +142,8 @@ class Run:
     time: str
     """``YYYY-MM-DD HH:MM:SS`` from the dir name Hydra gives it, else the dir's mtime."""
     status: str
-    """``finished`` (every configured stage wrote metrics), ``incomplete``, ``unknown``, or a
-    sweep job's own status from its sweep_job.json (``failed`` ...)."""
+    """A run's ``engine.runs.status_of`` (``ok``, ``failed``, ``interrupted``, ``running``, ``incomplete``,
+    ``not started``: the sweep summary's words); a sweep's, its jobs' ``engine.runs.overall``."""
     stages: list[str] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
@@ -207,6 +208,9 @@ class RunsIndex:
                     found.append(_sweep(rel, real))
                 if depth + 1 < MAX_DEPTH:
                     stack.append((Path(entry.path), depth + 1, rel if kind == "sweep" else sweep))
+        for group in (r for r in found if r.kind == "sweep"):  # its jobs as listed now, else its last summary
+            jobs = [r.status for r in found if r.sweep == group.id]
+            group.status = overall(jobs or recorded_statuses(group.dir))
         found.sort(key=lambda r: r.id)  # a sweep before its jobs, jobs in order
         found.sort(key=lambda r: r.time, reverse=True)  # newest first (stable: keeps the above within a time)
         return Listing(found, skipped)
@@ -277,30 +281,21 @@ def _time(rel: str, folder: Path) -> str:
 
 
 def _run(rel: str, folder: Path, sweep: str | None) -> Run:
-    metrics = read_json_record(folder / "metrics.json")
-    recipe, planned = None, []
+    metrics = read_metrics(folder)
+    recipe = None
     try:
         config = (folder / "config.yaml").read_text()
     except OSError:
         config = ""
     if m := _RECIPE.search(config):
         recipe = m.group(1)
-    if m := re.search(r"^stages:\n((?:- .+\n)+)", config, re.M):
-        planned = [line[2:].strip() for line in m.group(1).splitlines()]
     done = [s for s in metrics if isinstance(metrics[s], dict)]
-    if planned:
-        status = "finished" if all(s in metrics for s in planned) else "incomplete"
-    else:
-        status = "unknown"
-    job = read_json_record(folder / "sweep_job.json")  # a sweep's job record says more (failed, running)
-    if isinstance(job.get("status"), str) and re.fullmatch(r"[a-z_]{1,20}", job["status"]):
-        status = job["status"]
     return Run(
         id=rel,
         kind="run",
         recipe=recipe or (rel.split("/")[0] if "/" in rel else None),
         time=_time(rel, folder),
-        status=status,
+        status=status_of(folder, metrics=metrics)[0],
         stages=done,
         metrics=key_metrics(metrics),
         files=_shared_files(folder),
@@ -315,7 +310,7 @@ def _sweep(rel: str, folder: Path) -> Run:
         kind="sweep",
         recipe=rel.split("/")[0] if "/" in rel else None,
         time=_time(rel, folder),
-        status="finished" if any(folder.glob("sweep_summary.*")) else "unknown",
+        status="not started",  # set from its jobs by RunsIndex.scan
         files=_shared_files(folder),
         dir=folder,
     )
@@ -340,30 +335,12 @@ def key_metrics(metrics: dict) -> list[dict]:
     for split, values in evaluate.items():
         if split == "base" or not isinstance(values, dict):
             continue
-        for name, value in _flat(values):
+        for name, value in flatten(values).items():
             if _number(value) is None or name.rsplit(".", 1)[-1] == "examples":  # a count, not a metric
                 continue
-            base_value = _number(_get(base.get(split), name))
+            base_value = _number(lookup(base.get(split), name))
             out.append({"name": f"{split}.{name}", "value": _number(value), "base": base_value})
     return out
-
-
-def _flat(values: dict, prefix: str = "") -> list[tuple[str, object]]:
-    out = []
-    for k, v in values.items():
-        if isinstance(v, dict):
-            out += _flat(v, f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", v))
-    return out
-
-
-def _get(values, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(values, dict):
-            return None
-        values = values.get(part)
-    return values
 
 
 def _number(value) -> float | int | None:

@@ -5,15 +5,15 @@ so files move only once training on them has finished: a crashed run leaves the 
 as it was and can simply be run again.
 """
 
+from engine.context import RunContext
+from engine.data.documents import archive
+from engine.files import shown_path
 from engine.stages.registry import STAGES
 
 
-@STAGES.register("archive_documents")
-def archive_documents(ctx) -> dict:
+@STAGES.register("archive_documents", traits=("needs:data",))
+def archive_documents(ctx: RunContext) -> dict:
     """Move the used documents (documents.json: usable) from data.path to data.archive_dir."""
-    from engine.data.documents import archive
-    from engine.files import shown_path
-
     spec = ctx.cfg.data  # validation (engine/checks.py) made sure: documents, archive_dir set, after training
     used = [d.file for d in ctx.data.documents if d.usable]
     moved = archive(spec, used) if ctx.is_main else []

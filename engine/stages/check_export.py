@@ -4,51 +4,39 @@ A full-model GGUF, and the ONNX file (in onnxruntime), are compared with the mer
 the LoRA GGUF, applied by llama.cpp on its base GGUF, with the HF base + adapter(s), and held to
 the base file's own floor (how well the base GGUF alone agrees with the HF base) minus
 ``export.check.lora_margin``. The numbers go to metrics.json and export/manifest.json; any
-number past its threshold fails the stage with all of them. This stage picks the held-out cases
-and records the result; the work is ``engine.export.check.check_files``.
+number past its threshold fails the stage with all of them. The held-out cases come from
+``eval.split`` of the prepared data (the training split if none is held out), fed as identical
+ids to both sides. The work is ``engine.export.check.check_export_dir``.
 """
 
 from __future__ import annotations
 
+from engine.context import RunContext
 from engine.errors import UserError
-from engine.stages.merge import trained_of
-from engine.stages.prepare_data import ensure_data
+from engine.export.check import check_export_dir, exported_files
+from engine.export.merge import trained_weights
 from engine.stages.registry import STAGES
 
 
-@STAGES.register("check_export")
-def check_export(ctx) -> dict:
+@STAGES.register("check_export", traits=("needs:data",))
+def check_export(ctx: RunContext) -> dict:
     """Top-1, max |dlogit| and greedy agreement of each exported file; chat template ids."""
-    from engine.export.check import CheckJob, check_files, held_out_cases
-    from engine.export.manifest import MANIFEST, read_manifest, write_manifest
-
-    cfg, out = ctx.cfg, ctx.run_dir / "export"
-    if not (out / MANIFEST).is_file():
-        raise UserError(f"check_export: {out / MANIFEST} is missing; run export_gguf or export_onnx before check_export")
-    ensure_data(ctx)
-    spec, files = cfg.export.check, read_manifest(out)
+    cfg, out, data, evaluated = ctx.cfg, ctx.run_dir / "export", ctx.data, ctx.cfg.evaluated_run
+    files, spec = exported_files(out), cfg.export.check
     results, problems = {}, []
     if ctx.is_main:
-        data, tokenizer = ctx.data, ctx.tokenizer()
-        # The held-out split (the training split if none is held out), fed as identical ids to both sides.
-        examples = data.splits.get(cfg.eval.split) or data.splits["train"]
-        prompt_text = data.prompt_text if data.template else None
-        cases = held_out_cases(examples, tokenizer, prompts=spec.prompts, max_tokens=spec.max_tokens, prompt_text=prompt_text)
-        lora = any(e["kind"] == "lora" for e in files.values())
-        job = CheckJob(
-            files=files,
-            export_dir=out,
-            merged_dir=ctx.run_dir / "merged",
-            cases=cases,
+        results, problems = check_export_dir(
+            files,
+            out,
+            ctx.run_dir / "merged",
+            data.splits.get(cfg.eval.split) or data.splits["train"],
+            ctx.tokenizer(),
             spec=spec,
+            prompt_text=data.prompt_text if data.template else None,
             model=cfg.model,
             quantization=cfg.quantization,
-            trained=trained_of(ctx) if lora else None,
+            trained=trained_weights(ctx.run_dir, evaluated.path if evaluated else None, cfg.adapter),
         )
-        results, problems = check_files(job)
-        for name, numbers in results.items():
-            files[name]["parity"] = numbers
-        write_manifest(out, files)
     ctx.accelerator.wait_for_everyone()
     metrics = {"prompts": spec.prompts, "files": results}
     if problems:

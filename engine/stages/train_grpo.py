@@ -5,23 +5,34 @@ group how completions are sampled and the policy updated; optimizer, schedule, l
 checkpoints and loggers are the ``train`` group's, so a GRPO run resumes like ``train``.
 """
 
-from engine.stages.prepare_data import ensure_data
+from engine.context import RunContext
+from engine.reward import REWARDS
+from engine.rl import train_grpo as run
+from engine.rl.job import GrpoJob
 from engine.stages.registry import STAGES
 
+# What the run summary and the report's Training line read under ``train``; GRPO's own numbers
+# stay under ``train_grpo``.
+SUMMARY = ("steps", "first_loss", "final_loss", "train_seconds", "tokens_per_s", "precision", "device", "adapter_dir")
 
-@STAGES.register("train_grpo", traits=("trains",))
-def train_grpo(ctx) -> dict:
+
+@STAGES.register("train_grpo", traits=("trains", "needs:data"))
+def train_grpo(ctx: RunContext) -> dict:
     """Sample groups of answers to the split's prompts, score them, train the adapter towards the better ones."""
-    from engine.reward import REWARDS
-    from engine.rl.grpo import GrpoJob
-    from engine.rl.grpo import train_grpo as run
-
-    ensure_data(ctx)
     cfg = ctx.cfg
-    job = GrpoJob(cfg, ctx.run_dir, ctx.accelerator, ctx.model(), ctx.tokenizer(), ctx.data, REWARDS.build(cfg.reward))
+    job = GrpoJob(
+        run_dir=ctx.run_dir,
+        accelerator=ctx.accelerator,
+        model=ctx.model(),
+        tokenizer=ctx.tokenizer(),
+        data=ctx.data,
+        train=cfg.train,
+        grpo=cfg.grpo,
+        reward=REWARDS.build(cfg.reward),
+        seed=cfg.seed,
+        model_spec=cfg.model,
+        config=cfg.raw,
+    )
     metrics = run(job)
-    # The run summary and the report's Training line read ``train``; GRPO's own numbers stay
-    # under ``train_grpo``.
-    keys = ("steps", "first_loss", "final_loss", "train_seconds", "tokens_per_s", "precision", "device", "adapter_dir")
-    ctx.record("train", {k: metrics.get(k) for k in keys})
+    ctx.record("train", {k: metrics.get(k) for k in SUMMARY})
     return metrics

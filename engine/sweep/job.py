@@ -10,12 +10,11 @@ jobs recorded ``ok`` with the same overrides and resumes the others from their c
 
 ``sweep_job.json`` is written at the start (``running``) and at the end of the job, atomically;
 a job that was SIGKILLed keeps ``running`` with the PID and host of a process that is gone, which
-is how the summary tells ``interrupted`` from ``running``.
+is how ``engine.runs.status_of`` (the summary's and the runs page's status) tells ``interrupted`` from ``running``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import resource
@@ -29,22 +28,12 @@ from typing import Any
 
 from engine.errors import ConfigError, UserError
 from engine.files import write_json_atomic
-
-RECORD = "sweep_job.json"
+from engine.runs import JOB_RECORD, METRICS, is_number, lookup, numeric_keys, read_job_record, read_metrics
 
 
 class JobFailed(Exception):
     """A job's failure, raised for a sweeper that must be told a trial failed (Optuna: a NaN value
     would end its study); the error is in sweep_job.json and the summary already."""
-
-
-def read_record(job_dir: Path) -> dict | None:
-    """The job's ``sweep_job.json``, or None when there is none (or it is unreadable)."""
-    try:
-        record = json.loads((Path(job_dir) / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def finished_before(job_dir: Path, overrides: list[str]) -> dict | None:
@@ -53,9 +42,9 @@ def finished_before(job_dir: Path, overrides: list[str]) -> dict | None:
     The overrides must match: a re-run whose grid changed puts other values under the same job
     number, and those must run.
     """
-    record = read_record(job_dir)
+    record = read_job_record(job_dir)
     if record and record.get("status") == "ok" and record.get("overrides") == list(overrides):
-        if (Path(job_dir) / "metrics.json").is_file():
+        if (Path(job_dir) / METRICS).is_file():
             return record
     return None
 
@@ -80,7 +69,7 @@ def run_job(
     if before is not None:
         print(f"[engine] sweep job {name}: finished in an earlier run of this sweep (ok), not run again", flush=True)
         return _value_or_nan(job_dir, objective)
-    earlier = read_record(job_dir)
+    earlier = read_job_record(job_dir)
     record: dict[str, Any] = {
         "status": "running",
         "overrides": list(overrides),
@@ -96,7 +85,7 @@ def run_job(
     t0 = time.perf_counter()
     try:
         work()
-        value = objective_value(_metrics(job_dir), objective) if objective else None
+        value = objective_value(read_metrics(job_dir), objective) if objective else None
     except BaseException as e:
         status = "interrupted" if _is_stop(e) else "failed"
         _finish(job_dir, record, t0, status=status, error=first_line(e))
@@ -121,7 +110,7 @@ def _finish(job_dir: Path, record: dict, t0: float, **fields) -> None:
 def _write(job_dir: Path, record: dict) -> None:
     """Rank 0 keeps the record: under ``accelerate launch`` every rank runs the same jobs together."""
     if os.environ.get("RANK", "0") == "0":
-        write_json_atomic(job_dir / RECORD, record)
+        write_json_atomic(job_dir / JOB_RECORD, record)
 
 
 def _is_stop(e: BaseException) -> bool:
@@ -144,47 +133,19 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _metrics(job_dir: Path) -> dict:
-    try:
-        return json.loads((job_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _value_or_nan(job_dir: Path, objective: str | None) -> float | None:
     if not objective:
         return None
     try:
-        return objective_value(_metrics(job_dir), objective)
+        return objective_value(read_metrics(job_dir), objective)
     except UserError:
         return float("nan")  # recorded ok before, but without this objective: a new objective on re-run
-
-
-def lookup(metrics: dict, key: str) -> Any:
-    """The value at a dotted key of metrics.json (``evaluate.test.token_f1``), or None."""
-    node: Any = metrics
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def numeric_keys(metrics: dict, prefix: str = "") -> list[str]:
-    """Every dotted key of a number in metrics.json, in file order."""
-    out = []
-    for k, v in metrics.items():
-        if isinstance(v, dict):
-            out += numeric_keys(v, f"{prefix}{k}.")
-        elif isinstance(v, int | float) and not isinstance(v, bool):
-            out.append(f"{prefix}{k}")
-    return out
 
 
 def objective_value(metrics: dict, key: str) -> float:
     """The objective as a float; a key the run did not write is the user's to fix, so say which exist."""
     value = lookup(metrics, key)
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if is_number(value):
         return float(value)
     have = numeric_keys(metrics)
     near = [k for k in have if k.split(".")[0] == key.split(".")[0]] or have

@@ -4,12 +4,10 @@ Everything is read back from the job dirs, never from memory, so the same table 
 whether the Hydra callback writes it at the end of a sweep, after each job, or a user rebuilds
 it later (``python -m engine.sweep DIR``) for a sweep that is still running or was killed.
 Per job: the overrides that vary across jobs (``.hydra/overrides.yaml``), key metrics from
-``metrics.json``, wall time, tokens/s and peak memory (``sweep_job.json``), and the status:
-
-- ``ok`` / ``failed`` (with the error's first line) / ``interrupted``: as the job recorded it;
-- ``running``: recorded as running by a process that is alive (or on another host: not checkable);
-- ``interrupted`` also when that process is gone (SIGKILL, a node lost) or, for a run dir
-  without a record (``--compare``), when its lock file still names a holder that is gone.
+``metrics.json``, wall time, tokens/s and peak memory (``sweep_job.json``), and the status
+as ``engine.runs.status_of`` reads it (the vocabulary the runs page shows too): ``ok``,
+``failed`` (with the error's first line), ``interrupted``, ``running``, ``incomplete``, ``not started``.
+The pages are written by ``engine.render`` (as the run report is).
 
 File names are fixed (the web UI lists ``sweep_summary.*`` and ``sweep_*.png``); the table holds no
 timestamps, so rebuilding a finished sweep's summary gives the same files.
@@ -17,24 +15,23 @@ timestamps, so rebuilding a finished sweep's summary gives the same files.
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import json
 import math
 import os
 import shlex
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from engine.files import read_json_record, write_json_atomic, write_text_atomic
-from engine.lock import LOCK_NAME
-from engine.sweep.job import RECORD, lookup, read_record
+from engine.render.page import Block
+from engine.render.page import to_html as page_html
+from engine.render.page import to_markdown as page_markdown
+from engine.render.plot import figure
+from engine.render.plot import png as png_bytes
+from engine.runs import JOB_RECORD, STATUSES, flatten, is_number, lookup, read_job_record, read_metrics, read_yaml, status_of
 
 NAMES = ("sweep_summary.csv", "sweep_summary.md", "sweep_summary.html", "sweep_summary.json", "sweep_summary.png")
 DEFAULT_METRIC = "train.final_loss"
@@ -129,7 +126,7 @@ def collect_sweep(
     settings = _sweep_settings(sweep_dir)
     jobs = sorted((d for d in _children(sweep_dir) if _is_job(d)), key=lambda d: (not d.name.isdigit(), _num(d.name), d.name))
     rows = [_row(d, d.name) for d in jobs]
-    optuna = _read_yaml(sweep_dir / "optimization_results.yaml")
+    optuna = read_yaml(sweep_dir / "optimization_results.yaml")
     return _summarise(
         sweep_dir.name,
         rows,
@@ -149,7 +146,7 @@ def collect_runs(
     rows = []
     for d in run_dirs:
         row = _row(Path(d), str(d))
-        row.params = _flatten(_read_yaml(Path(d) / "config.yaml") or {}) or row.params
+        row.params = _config_params(read_yaml(Path(d) / "config.yaml")) or row.params
         rows.append(row)
     return _summarise(
         "compare",
@@ -186,70 +183,26 @@ def _eval_keys(rows: list[Row]) -> list[str]:
             if split in NOT_SPLITS or not isinstance(node, dict):
                 continue
             for k, v in node.items():
-                if isinstance(v, int | float) and not isinstance(v, bool) and f"evaluate.{split}.{k}" not in out:
+                if is_number(v) and f"evaluate.{split}.{k}" not in out:
                     out.append(f"evaluate.{split}.{k}")
     return out
 
 
 def _row(d: Path, name: str) -> Row:
-    overrides = _read_yaml(d / ".hydra" / "overrides.yaml")
+    overrides = read_yaml(d / ".hydra" / "overrides.yaml")
     overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
-    metrics = read_json_record(d / "metrics.json")
-    record = read_record(d) or {}
+    metrics = read_metrics(d)
+    record = read_job_record(d) or {}
     status, error = status_of(d, record, metrics)
     return Row(name, d, status, error, _params(overrides), overrides, metrics, record)
 
 
-def status_of(run_dir: Path, record: dict, metrics: dict) -> tuple[str, str]:
-    """(status, error's first line) of a job or run dir; see the module docstring."""
-    if record:
-        status = record.get("status", "running")
-        if status == "running":
-            host = record.get("host")
-            if host and host != socket.gethostname():
-                return "running", f"(on {host}: cannot check from here)"
-            return ("running", "") if _alive(record.get("pid")) else ("interrupted", "its process is gone (killed or crashed)")
-        return status, record.get("error", "")
-    holder = _lock_holder(run_dir)
-    if holder is not None:
-        return ("running", "") if _alive(holder) else ("interrupted", "its process is gone (killed or crashed)")
-    config = _read_yaml(run_dir / "config.yaml") or {}
-    stages = config.get("stages") if isinstance(config, dict) else None
-    if metrics and (not isinstance(stages, list) or all(s in metrics for s in stages)):
-        return "ok", ""
-    return ("incomplete", "not every stage wrote its metrics") if metrics else ("not started", "")
-
-
-def _lock_holder(run_dir: Path) -> int | None:
-    """The PID a run dir's lock file names (a clean exit empties it), or None."""
-    try:
-        first = (run_dir / LOCK_NAME).read_text().split("\n", 1)[0].strip()
-    except OSError:
-        return None
-    return int(first) if first.isdigit() else None
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped by its parent) is gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _sweep_settings(sweep_dir: Path) -> dict:
     """sweep.* and the sweeper's name, from Hydra's multirun.yaml (else the first job's config)."""
-    cfg = _read_yaml(sweep_dir / "multirun.yaml")
+    cfg = read_yaml(sweep_dir / "multirun.yaml")
     if not isinstance(cfg, dict):
         first = next((d for d in _children(sweep_dir) if (d / ".hydra" / "config.yaml").is_file()), None)
-        cfg = _read_yaml(first / ".hydra" / "config.yaml") if first else {}
+        cfg = read_yaml(first / ".hydra" / "config.yaml") if first else {}
     cfg = cfg if isinstance(cfg, dict) else {}
     out = dict(cfg.get("sweep") or {})
     target = str(((cfg.get("hydra") or {}).get("sweeper") or {}).get("_target_", ""))
@@ -265,7 +218,7 @@ def _children(d: Path) -> list[Path]:
 
 
 def _is_job(d: Path) -> bool:
-    return (d / RECORD).is_file() or (d / ".hydra" / "overrides.yaml").is_file()
+    return (d / JOB_RECORD).is_file() or (d / ".hydra" / "overrides.yaml").is_file()
 
 
 def _num(name: str) -> int:
@@ -281,16 +234,9 @@ def _params(overrides: list[str]) -> dict[str, str]:
     return out
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, str]:
-    if not isinstance(node, dict):
-        return {}
-    out: dict[str, str] = {}
-    for k, v in node.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list | dict) else str(v)
-    return out
+def _config_params(config: Any) -> dict[str, str]:
+    """A run's config.yaml as ``key -> value`` strings (lists and empty dicts as JSON): what ``--compare`` tables."""
+    return {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in flatten(config).items()}
 
 
 def _varying(params: dict[str, dict[str, str]]) -> list[str]:
@@ -301,15 +247,8 @@ def _varying(params: dict[str, dict[str, str]]) -> list[str]:
     return [k for k in keys if len({p.get(k) for p in params.values()}) > 1]
 
 
-def _read_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-
-
 def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return is_number(v) and math.isfinite(v)
 
 
 # ---------------------------------------------------------------- writing
@@ -376,16 +315,28 @@ def _swept_values(s: Summary, r: Row) -> str:
     return ", ".join(f"{k}={r.params.get(k)}" for k in s.swept) or "no swept keys"
 
 
-def to_markdown(s: Summary) -> str:
+def page(s: Summary, png: bytes = b"") -> list[Block]:
+    """The summary as page blocks: the headline, the table (each status coloured, the best row
+    marked), the plot (``png`` inlined in HTML; Markdown links sweep_summary.png)."""
     cols = s.columns()
-    esc = lambda v: fmt(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    out = [f"# Sweep summary: {s.source}", "", *(f"- {line}" for line in headline(s)), ""]
-    out.append("| " + " | ".join(cols) + " |")
-    out.append("|" + "|".join("---" for _ in cols) + "|")
-    for r in s.rows:
-        out.append("| " + " | ".join(esc(s.cell(r, c)) for c in cols) + " |")
-    out += ["", f"![{s.metric} against each swept key](sweep_summary.png)", ""]
-    return "\n".join(out)
+    text_cols = {"job", "status", "error", *s.swept}
+
+    def cls(r: Row, c: str) -> str:
+        return " ".join(x for x in ("t" if c in text_cols else "", r.status if c == "status" else "") if x)
+
+    table = Block(
+        "table",
+        header=cols,
+        rows=[[fmt(s.cell(r, c)) for c in cols] for r in s.rows],
+        classes=[[cls(r, c) for c in cols] for r in s.rows],
+        row_classes=["best" if r is s.best else "" for r in s.rows],
+    )
+    plot_block = Block("img", f"{s.metric} against each swept key", png=png, path=NAMES[4])
+    return [Block("list", items=headline(s)), table, plot_block]
+
+
+def to_markdown(s: Summary) -> str:
+    return page_markdown(f"Sweep summary: {s.source}", page(s))
 
 
 STYLE = """
@@ -399,32 +350,7 @@ code{background:#f2f2f5;padding:.1rem .3rem}img{max-width:100%}
 
 def to_html(s: Summary, png: bytes) -> str:
     """The same table as one self-contained page: inline style, the plot as a data URI."""
-    e = html.escape
-    cols = s.columns()
-    text_cols = {"job", "status", "error", *s.swept}
-
-    def line(md: str) -> str:  # the headline's markdown bits: **bold** and `code`
-        parts = e(md).split("`")
-        body = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-        return body.replace("**", "<b>", 1).replace("**", "</b>", 1)
-
-    head = "".join(f"<th>{e(c)}</th>" for c in cols)
-    body = []
-    for r in s.rows:
-        cells = []
-        for c in cols:
-            cls = " ".join(x for x in ("t" if c in text_cols else "", r.status if c == "status" else "") if x)
-            cells.append(f'<td class="{cls}">{e(fmt(s.cell(r, c)))}</td>' if cls else f"<td>{e(fmt(s.cell(r, c)))}</td>")
-        best = ' class="best"' if r is s.best else ""
-        body.append(f"<tr{best}>{''.join(cells)}</tr>")
-    img = base64.b64encode(png).decode()
-    return (
-        "<!doctype html>\n<html><head><meta charset='utf-8'>"
-        f"<title>Sweep summary: {e(s.source)}</title><style>{STYLE}</style></head><body>\n"
-        f"<h1>Sweep summary: {e(s.source)}</h1>\n<ul>{''.join(f'<li>{line(x)}</li>' for x in headline(s))}</ul>\n"
-        f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table>\n"
-        f"<img alt='{e(s.metric)} against each swept key' src='data:image/png;base64,{img}'>\n</body></html>\n"
-    )
+    return page_html(f"Sweep summary: {s.source}", page(s, png), STYLE)
 
 
 def to_json(s: Summary) -> dict:
@@ -447,19 +373,14 @@ def to_json(s: Summary) -> dict:
 
 def plot(s: Summary) -> bytes:
     """``metric`` against each swept key, one panel per key (finished jobs; the best one marked)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
     keys = s.swept or ["job"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(max(4.0, 3.6 * len(keys)), 3.4), squeeze=False)
+    fig, axes = figure(1, len(keys), size=(max(4.0, 3.6 * len(keys)), 3.4), squeeze=False)
     points = [(r, lookup(r.metrics, s.metric)) for r in s.rows]
     points = [(r, float(v)) for r, v in points if _finite(v)]
     for ax, key in zip(axes[0], keys, strict=True):
         xs = [r.job if key == "job" else r.params.get(key, "") for r, _ in points]
         ys = [v for _, v in points]
-        numeric = all(_is_number(x) for x in xs) and key != "job"
+        numeric = all(_parses_as_number(x) for x in xs) and key != "job"
         if numeric:
             xs_num = [float(x) for x in xs]
             ax.scatter(xs_num, ys, color="#0b5cad", zorder=3)
@@ -480,18 +401,21 @@ def plot(s: Summary) -> bytes:
         if not points:
             ax.text(0.5, 0.5, f"no finished job has\n{s.metric} yet", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(f"{s.source}: {s.metric}", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
-def _is_number(x: Any) -> bool:
+def _parses_as_number(x: Any) -> bool:
     try:
         return math.isfinite(float(x))
     except (TypeError, ValueError):
         return False
+
+
+def recorded_statuses(sweep_dir: Path) -> list[str]:
+    """Each job's status as the last summary written in ``sweep_dir`` recorded it (sweep_summary.json)."""
+    rows = read_json_record(Path(sweep_dir) / NAMES[3]).get("rows")
+    rows = rows if isinstance(rows, list) else []
+    return [r["status"] for r in rows if isinstance(r, dict) and r.get("status") in STATUSES]
 
 
 def rebuild(sweep_dir: Path, **settings) -> Summary:
@@ -501,4 +425,4 @@ def rebuild(sweep_dir: Path, **settings) -> Summary:
     return summary
 
 
-__all__ = ["NAMES", "Row", "Summary", "collect_runs", "collect_sweep", "rebuild", "write"]
+__all__ = ["NAMES", "Row", "Summary", "collect_runs", "collect_sweep", "rebuild", "recorded_statuses", "write"]

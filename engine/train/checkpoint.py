@@ -149,9 +149,6 @@ _FORCE_REFUSES = (
 )
 
 
-_START_OVER = "to change them, start over with train.resume=never (old checkpoints go to superseded/) or use a new hydra.run.dir"
-
-
 def force_refusals(old: dict, new: dict) -> list[str]:
     """One message per changed key that ``train.resume=force`` cannot honour (see FORCE_CAN_CHANGE)."""
     out = []
@@ -286,60 +283,6 @@ def _set_aside(damaged: list[tuple[Path, str]], is_main: bool, using: str) -> No
             print(f"[engine] checkpoint {d.name} is damaged: {why}; using {using} ({d.name} moved to {moved})", flush=True)
             shutil.rmtree(moved, ignore_errors=True)
             os.replace(d, moved)
-
-
-# ---------------------------------------------------------------- the resume decision
-
-
-def prepare_run_dir(cfg, run_dir: Path, accelerator) -> Checkpoint | None:
-    """Decide resume before anything is written: compare the config first, then write config.yaml.
-
-    Every rank checks (read-only, so all raise the same ConfigError); rank 0 then cleans up
-    half-written checkpoints, moves an old attempt aside for ``resume=never`` and writes
-    config.yaml. Returns the checkpoint training will continue from, if any.
-    """
-    from omegaconf import OmegaConf
-
-    run_dir = Path(run_dir)
-    trains = "train" in cfg.stages or "train_grpo" in cfg.stages  # the stages that write checkpoints/ here
-    mode = cfg.train.resume
-    ckpt = resume_checkpoint(run_dir, is_main=accelerator.is_main_process) if trains and mode != "never" else None
-    # A checkpoint written before config hashes were portable holds the hash of the local paths.
-    same = (config_hash(cfg.raw), config_hash(cfg.raw, portable=False))
-    changed = ckpt is not None and ckpt.state.get("config_hash") not in same
-    if changed and mode == "force":
-        refused = force_refusals(ckpt.state.get("config", {}), hashed_config(cfg.raw))
-        if refused:
-            raise ConfigError([*refused, _START_OVER])
-    if changed and mode == "auto":
-        diff = config_diff(ckpt.state.get("config", {}), hashed_config(cfg.raw))
-        shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
-        raise ConfigError(
-            f"train.resume: {run_dir} holds checkpoint step-{ckpt.step} of a different config "
-            f"({shown or 'hash differs'}). Resuming would mix two trainings. Re-run with the original "
-            "settings, or add train.resume=force to continue with the new ones, or train.resume=never "
-            "to start over (the old checkpoints are moved to superseded/), or use a new hydra.run.dir."
-        )
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if trains:
-            for tmp in checkpoints_dir(run_dir).glob(".tmp-*"):
-                print(f"[engine] removing incomplete checkpoint {tmp.name} (a crash interrupted its write)", flush=True)
-                shutil.rmtree(tmp, ignore_errors=True)
-        if trains and mode == "never":
-            supersede(run_dir)
-        elif ckpt is not None:
-            why = " (train.resume=force: config changed, the new values apply from here)" if changed else ""
-            print(f"[engine] resuming from {ckpt.path} (step {ckpt.step}){why}", flush=True)
-        cfg_path = run_dir / "config.yaml"
-        # Sample paths back as ${sample:NAME}: the record resolves wherever it is read (eval.run_dir).
-        new = OmegaConf.to_yaml(OmegaConf.create(portable_config(cfg.raw)))
-        if cfg_path.exists() and cfg_path.read_text() != new:
-            # Keep the record of what the earlier part of this run was trained with.
-            cfg_path.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-        write_text_atomic(cfg_path, new)
-    accelerator.wait_for_everyone()
-    return None if mode == "never" else ckpt
 
 
 def supersede(run_dir: Path, names: tuple[str, ...] = ("checkpoints", "train_log.jsonl")) -> None:

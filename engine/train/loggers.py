@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.render.plot import figure, png
+from engine.runs import flatten
 
 INSTALL = {"mlflow": "pip install mlflow", "wandb": "pip install wandb", "tensorboard": "pip install tensorboard"}
 
@@ -74,7 +76,7 @@ class _MLflow:
         run = mlflow.start_run(run_id=run_id, run_name=run_dir.name)
         if run_id is None:
             id_file.write_text(run.info.run_id)
-            mlflow.log_params(_flatten(config))
+            mlflow.log_params({k: str(v)[:250] for k, v in flatten(config).items()})
 
     def log(self, scalars: dict, step: int) -> None:
         self.mlflow.log_metrics(scalars, step=step)
@@ -103,16 +105,6 @@ class _WandB:
 _SINKS = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = str(v)[:250]
-    return out
-
-
 def plot(log_path: Path, out: Path) -> Path | None:
     """loss.png: training loss (and validation loss where measured) and learning rate per step."""
     lines = Path(log_path).read_text().splitlines() if Path(log_path).exists() else []
@@ -120,12 +112,7 @@ def plot(log_path: Path, out: Path) -> Path | None:
     recs = [r for r in recs if "loss" in r]
     if not recs:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    fig, (ax1, ax2) = figure(2, 1, size=(7, 5.5), sharex=True)
     steps = [r["step"] for r in recs]
     ax1.plot(steps, [r["loss"] for r in recs], label="train loss", lw=1)
     val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
@@ -139,7 +126,5 @@ def plot(log_path: Path, out: Path) -> Path | None:
     ax2.set_xlabel("optimizer step")
     ax2.grid(alpha=0.3)
     fig.suptitle(Path(out).parent.name)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    Path(out).write_bytes(png(fig))
     return Path(out)

@@ -100,3 +100,15 @@ class TrainSpec(Strict):
         if self.patience is not None and self.eval_every is None:
             raise ValueError("train.patience needs train.eval_every (early stopping is checked at each evaluation)")
         return self
+
+
+def optimizer_problem(optimizer: str, device: str) -> str | None:
+    """Why ``optimizer`` cannot run on ``device`` (resolved: cuda, cpu, mps), or None when it can.
+
+    bitsandbytes' 8-bit and paged AdamW have CUDA kernels only. One rule, applied twice: by
+    validation before anything loads (engine/checks.py) and by the optimizer's builder, which
+    sees the device the run really got.
+    """
+    if optimizer == "adamw" or device == "cuda":
+        return None
+    return f"train.optimizer: {optimizer} (bitsandbytes) needs a CUDA GPU; this run is on {device}: use train.optimizer=adamw"

@@ -18,10 +18,28 @@ import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from engine.errors import UserError
-from engine.serve import SERVERS, HfSpec
-from engine.serve.backend import AdapterInfo, AdapterScale, GenerateRequest, Piece, TokenFloor, check_ids
+from engine.model.names import display_name
+from engine.serve import SERVERS, ServeSpec
+from engine.serve.adapters import Found, provenance
+from engine.serve.backend import (
+    AdapterInfo,
+    AdapterScale,
+    BackendSource,
+    GenerateRequest,
+    Opened,
+    Piece,
+    TokenFloor,
+    check_ids,
+)
+
+
+class HfSpec(ServeSpec):
+    """``serve=hf``: transformers + PEFT adapters, the run's own base, any device."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
 class StopText:
@@ -230,18 +248,44 @@ def _pick(logits, temperature: float, top_p: float, gen) -> int:
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def model_name(model_spec) -> str:
-    """The base's name in /v1/models: the hub id or folder name, the GGUF's stem — never a local path."""
-    if model_spec.kind == "gguf":
-        return Path(model_spec.file).stem
-    if model_spec.kind == "hf":
-        local = Path(model_spec.name_or_path).expanduser()
-        return local.name if local.is_dir() else model_spec.name_or_path
-    return model_spec.kind
-
-
 @SERVERS.register("hf", HfSpec)
-def build_hf(
+def build_hf(spec: HfSpec, *, source: BackendSource, adapters: dict[str, Found]) -> Opened:
+    """transformers + PEFT: the run's base with serve.adapters and the evaluated run's adapter, on any device.
+
+    The evaluated run's PEFT adapter/ is served under its run dir's name, active at scale 1; a
+    layered run's levels load as ``<run>/level_K``, active with ``adapter.scales``; after a full
+    fine-tune the base itself is the run's model/ (``source.model``) and nothing more loads.
+    """
+    adapters, active = dict(adapters), ()
+    if source.evaluated is not None:
+        run_adapters, active = _run_adapters(source.evaluated, source.scales)
+        adapters.update(run_adapters)
+    backend = load_hf(
+        spec,
+        model_spec=source.model,
+        quant_spec=source.quantization,
+        adapter_paths={name: found.path for name, found in adapters.items()},
+        run_info={name: {"run": found.run, "recipe": found.recipe} for name, found in adapters.items()},
+    )
+    return Opened(backend, active)
+
+
+def _run_adapters(run: Path, scales: list[float] | None) -> tuple[dict[str, Found], tuple[AdapterScale, ...]]:
+    """(the PEFT dirs to load, the set active at start) of a finished run dir."""
+    from engine.export.merge import find_trained
+
+    trained = find_trained(run, scales=scales)
+    if trained.adapter_dir is None:  # a full fine-tune: its model/ is the base
+        return {}, ()
+    recipe = provenance(run)[1]
+    if trained.levels:
+        dirs = {f"{run.name}/level_{k}": trained.adapter_dir / f"level_{k}" for k in trained.levels}
+        found = {name: Found(path, "peft", name, run.name, recipe) for name, path in dirs.items()}
+        return found, tuple(AdapterScale(name, scale) for name, scale in zip(found, trained.scales, strict=True))
+    return {run.name: Found(trained.adapter_dir, "peft", run.name, run.name, recipe)}, (AdapterScale(run.name, 1.0),)
+
+
+def load_hf(
     spec: HfSpec,
     *,
     model_spec,
@@ -249,7 +293,7 @@ def build_hf(
     adapter_paths: dict[str, Path] | None = None,
     run_info: dict[str, dict] | None = None,
 ) -> HfBackend:
-    """transformers + PEFT: the run's base model with its adapters loaded (none active), on any device.
+    """The base model built as the run built it, with these PEFT adapters loaded (none active).
 
     Args:
         spec: the serve group's hf preset (device, context length, threads).
@@ -273,7 +317,7 @@ def build_hf(
     # As the export does it: a quantized base is built as trained, then de-quantized.
     model, tokenizer = load_base(model_spec, quant_spec)
     backend = HfBackend(
-        model.to(device), tokenizer, model_id=model_name(model_spec), context_length=spec.context_length, device=device
+        model.to(device), tokenizer, model_id=display_name(model_spec), context_length=spec.context_length, device=device
     )
     for name, path in (adapter_paths or {}).items():
         backend.load_adapter(name, path, **(run_info or {}).get(name, {}))

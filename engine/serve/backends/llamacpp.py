@@ -37,14 +37,99 @@ from pathlib import Path
 
 from engine.errors import UserError
 from engine.native import check_llama_cpp
-from engine.serve import SERVERS, LlamaCppSpec
-from engine.serve.backend import AdapterInfo, AdapterScale, GenerateRequest, Piece, TokenFloor, check_ids
+from engine.serve import SERVERS, ServeSpec
+from engine.serve.adapters import Found, provenance
+from engine.serve.backend import (
+    AdapterInfo,
+    AdapterScale,
+    BackendSource,
+    GenerateRequest,
+    Opened,
+    Piece,
+    TokenFloor,
+    check_ids,
+)
 
 GGUF_MAGIC = b"GGUF"
 
 
+class LlamaCppSpec(ServeSpec):
+    """``serve=llamacpp``: a GGUF base and GGUF LoRA adapters, on CPU."""
+
+    gguf: str | None = None
+    """Base GGUF inside adapter_dirs or a run's export dir; None: the model group's packaged GGUF."""
+
+
 @SERVERS.register("llamacpp", LlamaCppSpec)
-def build_llamacpp(
+def build_llamacpp(spec: LlamaCppSpec, *, source: BackendSource, adapters: dict[str, Found]) -> Opened:
+    """A GGUF base through llama-cpp-python with serve.adapters and the evaluated run's GGUF LoRA.
+
+    The evaluated run's weights come from its export: export/adapter-lora.gguf on the GGUF it
+    was exported for, active at scale 1 under the run dir's name; after a full fine-tune its
+    exported model GGUF is the base. A run that never exported its LoRA gets it written here
+    first (onto the model group's packaged GGUF).
+    """
+    adapters, active, gguf = dict(adapters), (), None
+    if source.evaluated is not None:
+        lora, gguf = _run_gguf(source)
+        if lora is not None:
+            run = source.evaluated
+            adapters[run.name] = Found(lora, "gguf", run.name, run.name, provenance(run)[1])
+            active = (AdapterScale(run.name, 1.0),)
+    backend = load_llamacpp(
+        spec,
+        model_spec=source.model,
+        gguf_path=gguf,
+        adapter_paths={name: found.path for name, found in adapters.items()},
+        run_info={name: {"run": found.run, "recipe": found.recipe} for name, found in adapters.items()},
+    )
+    return Opened(backend, active)
+
+
+def _run_gguf(source: BackendSource) -> tuple[Path | None, Path | None]:
+    """(the LoRA GGUF to load, the base GGUF) of the finished run ``source.evaluated``; None: the default."""
+    from engine.export.merge import find_trained
+
+    run = source.evaluated
+    trained = find_trained(run, scales=source.scales)
+    export = run / "export"
+    manifest = json.loads((export / "manifest.json").read_text()) if (export / "manifest.json").is_file() else {"files": {}}
+    files = manifest.get("files", {})
+    if trained.adapter_dir is None:
+        models = [export / n for n, e in files.items() if e.get("kind") == "model"]
+        if not models:
+            raise UserError(
+                f"serve: run {run.name} is a full fine-tune with no GGUF export; export it first "
+                f"(python -m engine recipe=export_smollm2 eval.run_dir={run} 'stages=[merge,export_gguf]') or use serve=hf"
+            )
+        return None, models[0]
+    lora = export / "adapter-lora.gguf"
+    if lora.is_file():
+        from engine.export.manifest import base_gguf_of
+
+        return lora, base_gguf_of(files["adapter-lora.gguf"], export) if "adapter-lora.gguf" in files else None
+    return _export_lora(trained, source), None
+
+
+def _export_lora(trained, source: BackendSource) -> Path:
+    """Write the run's LoRA as a GGUF adapter into this run dir (for the packaged GGUF base)."""
+    from engine.export.gguf import write_lora_gguf
+    from engine.model import convert_gguf_once
+
+    model = source.model
+    if model.kind != "gguf":
+        raise UserError(
+            f"serve: run {source.evaluated.name} has no export/adapter-lora.gguf and its base is not a packaged "
+            "GGUF; export it first (stages=[merge,export_gguf] with eval.run_dir) or use serve=hf"
+        )
+    config = json.loads((convert_gguf_once(model.package, model.file) / "config.json").read_text())
+    out = source.out_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    print("[engine] serve: writing the run's LoRA as a GGUF adapter (once) -> export/adapter-lora.gguf", flush=True)
+    return write_lora_gguf(trained, config, out / "adapter-lora.gguf")
+
+
+def load_llamacpp(
     spec: LlamaCppSpec,
     *,
     model_spec=None,
@@ -52,7 +137,7 @@ def build_llamacpp(
     adapter_paths: dict[str, Path] | None = None,
     run_info: dict[str, dict] | None = None,
 ) -> LlamaCppBackend:
-    """A GGUF base through llama-cpp-python with the given GGUF LoRA adapters loaded (none active).
+    """A GGUF base through llama-cpp-python with these GGUF LoRA adapters loaded (none active).
 
     Args:
         spec: the serve group's llamacpp preset (context length, threads).

@@ -1,17 +1,18 @@
 """Validate a composed config against every preset's typed schema, before anything loads.
 
-Hydra composes YAML; this module turns the resolved dict into a frozen ``RunConfig`` of
-typed specs. All problems are collected and raised together as one ``ConfigError``: each
-names its full key, what is wrong, and the valid choices where the set is closed.
+Hydra composes YAML (engine/config/compose.py); this module turns the resolved dict into a
+frozen ``RunConfig`` of typed specs. All problems are collected and raised together as one
+``ConfigError``: each names its full key, what is wrong, and the valid choices where the set
+is closed. ``validate`` runs once per run, in the process that composed it; whatever executes
+the run reads the frozen ``config.yaml`` back with ``parse`` (schemas only: the cross-group
+rules and file checks were already passed when it was written).
 """
 
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any, Literal
 
-from omegaconf import OmegaConf
 from pydantic import BaseModel, ValidationError
 
 from engine.context import RunConfig
@@ -21,8 +22,6 @@ from engine.registry import Registry, Strict, did_you_mean
 from engine.rl.spec import GrpoSpec
 from engine.sweep.spec import SweepSpec
 from engine.train.spec import TrainSpec
-
-SAMPLES = Path(__file__).resolve().parent / "samples"
 
 # Common names users type for our keys: suggested in "did you mean".
 SYNONYMS = {
@@ -36,12 +35,6 @@ SYNONYMS = {
     "gradient_accumulation_steps": "grad_accum",
     "num_epochs": "epochs",
 }
-
-
-def register_resolvers() -> None:
-    """``${sample:NAME}``: path of a sample data file shipped inside the engine package."""
-    if not OmegaConf.has_resolver("sample"):
-        OmegaConf.register_new_resolver("sample", lambda name: str(SAMPLES / name))
 
 
 class TopSpec(Strict):
@@ -84,7 +77,28 @@ def registries() -> dict[str, Registry]:
 FIXED = {"train": TrainSpec, "eval": EvalSpec, "sweep": SweepSpec, "grpo": GrpoSpec}
 
 
+COUNTS = {"validate": 0}
+"""How many times this process validated a run (tests assert once per run)."""
+
+
 def validate(raw: dict[str, Any]) -> RunConfig:
+    """The composed dict -> ``RunConfig``, or one ``ConfigError`` with every problem: each group's
+    schema, the stage names, the device, and the rules across groups (engine/checks.py)."""
+    COUNTS["validate"] += 1
+    return _validated(raw, checks=True)
+
+
+def parse(raw: dict[str, Any]) -> RunConfig:
+    """A frozen record (``config.yaml``) back into its ``RunConfig``: the schemas only.
+
+    Why not ``validate``: the record was validated when it was written; reading it on every
+    rank, in every sweep job and in ``eval.run_dir`` must not run the checks again (they look
+    at devices, packages and files, and would cost every rank a torch import before it needs one).
+    """
+    return _validated(raw, checks=False)
+
+
+def _validated(raw: dict[str, Any], *, checks: bool) -> RunConfig:
     problems: list[str] = []
     groups = registries()
     top_fields = set(TopSpec.model_fields)
@@ -94,12 +108,44 @@ def validate(raw: dict[str, Any]) -> RunConfig:
             problems.append(f"{key}: unknown key{_suggest(key, sorted(known))}; valid top-level keys: {', '.join(sorted(known))}")
 
     top = _check(TopSpec, {k: raw.get(k) for k in top_fields if k in raw}, "", problems)
-    for i, mod in enumerate(raw.get("plugins") or []):
+    import_plugins(raw.get("plugins") or [], problems)
+    _check_stage_names(top, problems)
+    specs = check_groups(raw, list(groups), problems)
+    for group, schema in FIXED.items():
+        specs[group] = _check(schema, raw.get(group) or {}, group, problems)
+
+    if checks:
+        from engine.checks import cross_checks
+
+        if top is not None:
+            _check_device(top, problems)
+        cross_checks(specs, top, problems)
+    if problems:
+        raise ConfigError(problems)
+    cfg = RunConfig(**top.model_dump(), **specs, raw=raw)
+    if not cfg.eval.run_dir:
+        return cfg
+    from engine.checks import evaluated_run
+
+    return evaluated_run(cfg, validate if checks else parse)
+
+
+def import_plugins(modules: list[str], problems: list[str]) -> None:
+    """``plugins:`` imported before any registry is read, so their kinds and stages count."""
+    for i, mod in enumerate(modules):
         try:
             importlib.import_module(mod)
         except Exception as e:  # a plugin that fails to import is a config problem
             problems.append(f"plugins[{i}]: cannot import '{mod}': {type(e).__name__}: {e}")
 
+
+def check_groups(raw: dict[str, Any], names: list[str], problems: list[str]) -> dict[str, Any]:
+    """{group: spec} for the named registry groups (None where a group has a problem, appended)."""
+    groups = registries()
+    return {group: _check_group(group, groups[group], raw.get(group), problems) for group in names}
+
+
+def _check_stage_names(top: TopSpec | None, problems: list[str]) -> None:
     from engine.stages import STAGES
 
     for i, stage in enumerate((top.stages if top else None) or []):
@@ -110,22 +156,6 @@ def validate(raw: dict[str, Any]) -> RunConfig:
             "stages: empty, so the run would do nothing; list the stages to run, e.g. "
             f"stages=[prepare_data,train,evaluate,report] (valid: {', '.join(STAGES.keys())})"
         )
-
-    specs: dict[str, Any] = {}
-    for group, registry in groups.items():
-        specs[group] = _check_group(group, registry, raw.get(group), problems)
-    for group, schema in FIXED.items():
-        specs[group] = _check(schema, raw.get(group) or {}, group, problems)
-
-    if top is not None:
-        _check_device(top, problems)
-    from engine.checks import cross_checks, evaluated_run
-
-    cross_checks(specs, top, problems)
-    if problems:
-        raise ConfigError(problems)
-    cfg = RunConfig(**top.model_dump(), **specs, raw=raw)
-    return evaluated_run(cfg, validate) if cfg.eval.run_dir else cfg
 
 
 def _check_group(group: str, registry: Registry, node: Any, problems: list[str]):
