@@ -113,6 +113,22 @@ class RunContext:
         if self.is_main:
             write_json_atomic(self.run_dir / "metrics.json", self.metrics)
 
+    def training_inputs(self) -> dict[str, Any]:
+        """What every trainer's job (``TrainJob``, ``GrpoJob``) takes from the run, as keywords:
+        the stage adds what is its own (the loss, the GRPO settings and reward)."""
+        cfg = self.cfg
+        return {
+            "run_dir": self.run_dir,
+            "accelerator": self.accelerator,
+            "model": self.model(),
+            "tokenizer": self.tokenizer(),
+            "data": self.data,
+            "train": cfg.train,
+            "seed": cfg.seed,
+            "model_spec": cfg.model,
+            "config": cfg.raw,
+        }
+
     def tokenizer(self):
         if self._tokenizer is None:
             self.model()

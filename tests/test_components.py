@@ -84,18 +84,7 @@ def test_two_steps_train_exactly_the_intended_parameters(quant, adapter, loss, t
         assert any(isinstance(m, linear) for m in model.modules()), f"no {linear.__name__} layer"
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    job = TrainJob(
-        run_dir=ctx.run_dir,
-        accelerator=ctx.accelerator,
-        model=model,
-        tokenizer=ctx.tokenizer(),
-        data=ctx.data,
-        train=cfg.train,
-        loss=cfg.loss,
-        seed=cfg.seed,
-        model_spec=cfg.model,
-        config=cfg.raw,
-    )
+    job = TrainJob(**ctx.training_inputs(), loss=cfg.loss)  # ctx.model() is the model above
     metrics = train(job)
     assert metrics["steps"] == 2
     assert metrics["final_loss"] is not None and metrics["final_loss"] == metrics["final_loss"]  # not NaN

@@ -9,18 +9,4 @@ from engine.train.job import TrainJob
 @STAGES.register("train", traits=("trains", "needs:data"))
 def train(ctx: RunContext) -> dict:
     """Fine-tune with the configured adapter, loss and schedule; save the adapter."""
-    cfg = ctx.cfg
-    return run(
-        TrainJob(
-            run_dir=ctx.run_dir,
-            accelerator=ctx.accelerator,
-            model=ctx.model(),
-            tokenizer=ctx.tokenizer(),
-            data=ctx.data,
-            train=cfg.train,
-            loss=cfg.loss,
-            seed=cfg.seed,
-            model_spec=cfg.model,
-            config=cfg.raw,
-        )
-    )
+    return run(TrainJob(**ctx.training_inputs(), loss=ctx.cfg.loss))

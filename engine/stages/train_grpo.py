@@ -21,17 +21,9 @@ def train_grpo(ctx: RunContext) -> dict:
     """Sample groups of answers to the split's prompts, score them, train the adapter towards the better ones."""
     cfg = ctx.cfg
     job = GrpoJob(
-        run_dir=ctx.run_dir,
-        accelerator=ctx.accelerator,
-        model=ctx.model(),
-        tokenizer=ctx.tokenizer(),
-        data=ctx.data,
-        train=cfg.train,
+        **ctx.training_inputs(),
         grpo=cfg.grpo,
         reward=REWARDS.build(cfg.reward),
-        seed=cfg.seed,
-        model_spec=cfg.model,
-        config=cfg.raw,
     )
     metrics = run(job)
     ctx.record("train", {k: metrics.get(k) for k in SUMMARY})

@@ -15,16 +15,8 @@ def train_layered(ctx: RunContext) -> dict:
     """Train adapter.levels LoRA levels one after another; save each as adapter/level_K."""
     cfg = ctx.cfg
     job = TrainJob(
-        run_dir=ctx.run_dir,
-        accelerator=ctx.accelerator,
-        model=ctx.model(),
-        tokenizer=ctx.tokenizer(),
-        data=ctx.data,
-        train=cfg.train,
+        **ctx.training_inputs(),
         loss=cfg.loss,
-        seed=cfg.seed,
-        model_spec=cfg.model,
-        config=cfg.raw,
     )
     layered = run(job, cfg.adapter)
     # The run summary and report read ``train``: the whole sequence; per-level details stay under ``train_layered``.
