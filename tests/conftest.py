@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import logging
+import logging.config
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -53,6 +58,63 @@ def run_engine(*args: str, cwd: Path | None = None, timeout: int = 600) -> subpr
         text=True,
         timeout=timeout,
     )
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``engine ARGS`` in this process (``engine.cli.main``): exit code, stdout and stderr.
+
+    For command lines that are refused before anything runs (config, type and secret errors, a run
+    dir that cannot be used): the same code path as the real command without the second or two a
+    fresh interpreter spends importing. A few tests keep ``run_engine`` to prove the real command
+    line (no traceback, the console script, a second process). What the command changes in this
+    process is put back: cwd, environment, argv, the ``--config-dir`` folders, Hydra's job config,
+    the root logger's handlers and level, Hydra's global state, run-dir locks and the settings read from ``.env``.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from engine import lock, settings
+    from engine.cli import main
+    from engine.config.composition import UserConfigs
+
+    root = logging.getLogger()
+    saved = (os.getcwd(), dict(os.environ), list(sys.argv), root.handlers[:], root.level, HydraConfig.instance().cfg)
+    held, hydra_was_set = set(lock._HELD), GlobalHydra.instance().is_initialized()
+    out, err = io.StringIO(), io.StringIO()
+    settings.settings.cache_clear()  # a fresh process reads the cwd's .env
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        # Hydra's log set-up (logging.config.dictConfig) first closes every handler in the process.
+        # A fresh process has none to close; this one has pytest's and absl's, and absl's closes
+        # its stream (pytest's captured stderr) when sys.stderr is redirected. Leave them open.
+        no_clearing = mock.patch.object(logging.config, "_clearExistingHandlers", lambda: None)
+        with no_clearing, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(saved[0])
+        os.environ.clear()
+        os.environ.update(saved[1])
+        sys.argv[:] = saved[2]
+        for handler in root.handlers[:]:
+            if handler not in saved[3]:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in saved[3]:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(saved[4])
+        HydraConfig.instance().cfg = saved[5]
+        if not hydra_was_set:
+            GlobalHydra.instance().clear()
+        UserConfigs.dirs = []
+        for run_dir in set(lock._HELD) - held:
+            lock.release(run_dir)
+        settings.settings.cache_clear()
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

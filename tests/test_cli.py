@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, compose, run_engine
+from conftest import ROOT, TINY, compose, run_cli, run_engine
 
 from engine.errors import ConfigError
 
@@ -66,7 +66,7 @@ def test_a_user_preset_with_a_shipped_name_wins_and_says_so(tmp_path):
     mine = user_configs(tmp_path / "my_configs")
     cfg = compose(["--config-dir", str(mine)])
     assert cfg.recipe == "lora_smollm2" and cfg.seed == 7 and cfg.model.kind == "tiny"
-    proc = run_engine("--config-dir", str(mine), "--cfg", "job", cwd=tmp_path)
+    proc = run_cli("--config-dir", str(mine), "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"[engine] recipe/lora_smollm2 from {mine.resolve()} shadows the shipped one" in proc.stderr
     assert "seed: 7" in proc.stdout and "[engine]" not in proc.stdout  # --cfg output stays pure YAML
@@ -78,7 +78,7 @@ def test_yaml_syntax_error_in_a_user_file_names_file_and_line(tmp_path):
     bad.write_text("# @package _global_\nseed: 3\ntrain:\n  lr: [1, 2\n  max_steps: 2\n")
     with pytest.raises(ConfigError, match=rf"{bad}:5:\d+: YAML syntax error"):
         compose(["--config-dir", str(tmp_path), "recipe=broken", *TINY])
-    proc = run_engine("--config-dir", str(tmp_path), "recipe=broken", *TINY, cwd=tmp_path)
+    proc = run_cli("--config-dir", str(tmp_path), "recipe=broken", *TINY, cwd=tmp_path)
     assert proc.returncode == 2
     assert f"{bad}:5:" in proc.stderr and "line 4" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -96,7 +96,7 @@ def test_impossible_run_dir_is_exit_2_before_anything_runs(tmp_path, where):
     else:
         (tmp_path / "a_file").write_text("not a directory")
         run_dir, named = tmp_path / "a_file" / "run", f"{tmp_path / 'a_file'} is a file"
-    proc = run_engine(*QUICK, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = run_cli(*QUICK, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "hydra.run.dir:" in proc.stderr and named in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -104,7 +104,7 @@ def test_impossible_run_dir_is_exit_2_before_anything_runs(tmp_path, where):
 
 
 def test_unknown_adapter_target_lists_the_models_linear_layers(tmp_path):
-    proc = run_engine(*QUICK, "adapter.target_modules=[no_such_module]", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = run_cli(*QUICK, "adapter.target_modules=[no_such_module]", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "adapter.target_modules: no module named no_such_module" in proc.stderr
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):

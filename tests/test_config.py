@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONF, ROOT, TINY, compose, needs_bnb, run_engine
+from conftest import CONF, ROOT, TINY, compose, needs_bnb, run_cli, run_engine
 
 from engine.config import RunConfig
 from engine.errors import ConfigError
@@ -113,12 +113,20 @@ def test_device_not_present_is_a_config_error():
     ],
 )
 def test_cli_exits_2_without_traceback(args, key):
-    proc = run_engine(*args)
+    proc = run_cli(*args)
     assert proc.returncode == 2, proc.stderr
     assert key in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert len(proc.stderr.splitlines()) < 8
     assert "'max_steps'" not in proc.stderr, "the message must not dump the whole group"
+
+
+def test_the_real_command_line_exits_2_without_traceback():
+    """The tests above call engine.cli.main in-process; this one runs ``python -m engine`` as a user does."""
+    proc = run_engine("adapter.r=abc")
+    assert proc.returncode == 2, proc.stderr
+    assert "adapter.r" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert len(proc.stderr.splitlines()) < 8
 
 
 @pytest.mark.parametrize(
@@ -158,7 +166,7 @@ def test_every_needed_trait_is_given_by_a_registered_stage():
 
 @needs_bnb  # recipe qlora_phi2 quantizes
 def test_cli_prints_composed_config():
-    proc = run_engine("recipe=qlora_phi2", "--cfg", "job")
+    proc = run_cli("recipe=qlora_phi2", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
     assert "name_or_path: microsoft/phi-2" in proc.stdout
     assert "kind: nf4" in proc.stdout
@@ -170,7 +178,7 @@ def test_run_dir_pattern_is_recipe_then_timestamp():
 
 
 def test_printing_the_config_creates_no_run_dir(tmp_path):
-    proc = run_engine(*TINY, f"hydra.run.dir={tmp_path / 'run'}", "--cfg", "job")
+    proc = run_cli(*TINY, f"hydra.run.dir={tmp_path / 'run'}", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "run").exists()
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ASSETS, ROOT, TINY_TOKENIZER, compose, run_engine
+from conftest import ASSETS, ROOT, TINY_TOKENIZER, compose, run_cli
 
 from engine.data import DataError, prepare, split, tokenize
 from engine.data.shapes import SHAPES, normalize
@@ -261,7 +261,7 @@ def test_all_bad_file_is_a_data_error_naming_file_and_problems(tok, tmp_path):
 
 
 def test_all_bad_file_exits_2_from_the_cli(tmp_path):
-    r = run_engine(
+    r = run_cli(
         "model=tiny",
         "stages=[prepare_data]",
         f"data.path={DATA / 'all_bad.csv'}",

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TOKENIZER, compose, run_engine
+from conftest import TINY_TOKENIZER, compose, run_cli, run_engine
 from test_data import write_rows
 
 from engine.data import DataError, prepare
@@ -259,7 +259,7 @@ def test_a_template_syntax_error_names_file_and_line(tmp_path, tok):
 
 def test_template_errors_exit_2_from_the_cli_without_a_traceback(tmp_path):
     path = write_template(tmp_path, "my.jinja", "{{ messages.__class__.__mro__ }}")
-    r = run_engine("model=tiny", f"data.template={path}", f"hydra.run.dir={tmp_path / 'run'}")
+    r = run_cli("model=tiny", f"data.template={path}", f"hydra.run.dir={tmp_path / 'run'}")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "template my.jinja tried to access attribute '__class__' of a list" in r.stderr
 

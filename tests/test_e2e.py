@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import ASSETS, run_engine
+from conftest import ASSETS, run_cli, run_engine
 
 QUICK = ["model=tiny", "train.max_steps=2", "eval.max_examples=4", "eval.max_new_tokens=8", "precision=fp32"]
 
@@ -116,7 +116,7 @@ def test_missing_hub_model_fails_fast_offline(tmp_path):
     import time
 
     t0 = time.time()
-    proc = run_engine("recipe=lora_tinyllama", "stages=[prepare_data]", f"hydra.run.dir={tmp_path}")
+    proc = run_cli("recipe=lora_tinyllama", "stages=[prepare_data]", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
     assert "TinyLlama" in proc.stderr and "local HF cache" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY, compose, run_engine
+from conftest import TINY, compose, run_cli, run_engine
 
 from engine.errors import ConfigError, UserError
 from engine.evaluate import suites as S
@@ -277,6 +277,6 @@ def test_train_then_eval_run_reloads_the_trained_adapter(tmp_path):
 
 
 def test_eval_run_without_run_dir_is_a_clear_error(tmp_path):
-    r = run_engine("recipe=eval_run", *TINY, f"hydra.run.dir={tmp_path / 'x'}")
+    r = run_cli("recipe=eval_run", *TINY, f"hydra.run.dir={tmp_path / 'x'}")
     assert r.returncode == 2
     assert "eval.run_dir" in r.stderr and "Traceback" not in r.stderr

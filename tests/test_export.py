@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import QUICK_TRAIN, compose, run_engine
+from conftest import QUICK_TRAIN, compose, run_cli, run_engine
 
 from engine.errors import ConfigError
 
@@ -252,7 +252,7 @@ def test_export_stage_order_is_checked(export, stages, says):
 
 
 def test_check_before_export_exits_2_without_a_traceback():
-    proc = run_engine(*QUICK_TRAIN, "stages=[prepare_data,train,check_export,export_onnx]")
+    proc = run_cli(*QUICK_TRAIN, "stages=[prepare_data,train,check_export,export_onnx]")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "put export_gguf before it (or export_onnx)" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr

@@ -7,12 +7,11 @@ reads run_dir/config.yaml instead of composing again.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, compose
+from conftest import TINY, compose, run_cli
 
 from engine import cli, pipeline
 from engine.config import composition as compose_mod
@@ -42,19 +41,13 @@ def counters(monkeypatch):
     monkeypatch.setattr(record, "read", counting_read)
     monkeypatch.setitem(compose_mod.COUNTS, "compose", 0)
     monkeypatch.setitem(validate_mod.COUNTS, "validate", 0)
-    root = logging.getLogger()
-    handlers = list(root.handlers)
-    yield counts
-    for h in list(root.handlers):  # the run's log file handler (configure_log) goes with the test
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
+    return counts
 
 
 def test_one_run_is_composed_and_validated_once_then_executed_from_config_yaml(tmp_path, counters):
     run_dir = tmp_path / "run"
-    code = cli.main([*TINY, "stages=[prepare_data]", "data.preview=2", f"hydra.run.dir={run_dir}"])
-    assert code == 0
+    proc = run_cli(*TINY, "stages=[prepare_data]", "data.preview=2", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert compose_mod.COUNTS["compose"] == 1
     assert validate_mod.COUNTS["validate"] == 1
     assert counters["hydra"] == 1, "Hydra composed the run a second time (e.g. through @hydra.main)"
@@ -123,8 +116,8 @@ def test_rank_0_refusing_the_command_line_stops_every_rank_with_status_2(counter
 
 def test_each_sweep_job_validates_once_and_runs_from_its_config_yaml(tmp_path, counters):
     sweep = tmp_path / "sweep"
-    code = cli.main(["-m", *TINY, "stages=[prepare_data]", "seed=0,1", f"hydra.sweep.dir={sweep}"])
-    assert code == 0
+    proc = run_cli("-m", *TINY, "stages=[prepare_data]", "seed=0,1", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
     jobs = sorted(p for p in sweep.iterdir() if (p / "config.yaml").is_file())
     assert [yaml.safe_load((j / "config.yaml").read_text())["seed"] for j in jobs] == [0, 1]
     assert compose_mod.COUNTS["compose"] == 1  # the check of the sweep's first values, before Hydra starts

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, compose, run_engine
+from conftest import ROOT, TINY, compose, run_cli, run_engine
 
 from engine.rl.objective import group_advantages, sequence_terms
 
@@ -274,7 +274,7 @@ def test_config_errors_exit_2_before_loading(extra, says):
         return any(key == k or key.startswith(f"{k}.") for k in keys) or ("data" in keys and key.startswith("reward."))
 
     args = [o for o in [*TINY_GRPO, "stages=[prepare_data,train_grpo]"] if not replaced(o)] + extra
-    r = run_engine(*args)
+    r = run_cli(*args)
     assert r.returncode == 2, r.stderr[-2000:]
     for text in says:
         assert text in r.stderr, (text, r.stderr)

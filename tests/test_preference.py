@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK_TRAIN, TINY, TINY_TOKENIZER, compose, run_engine
+from conftest import QUICK_TRAIN, TINY, TINY_TOKENIZER, compose, run_cli, run_engine
 
 from engine.data import IGNORE, DataSpec, prepare
 from engine.data.collate import Batches, pair_collate
@@ -307,7 +307,7 @@ def test_orpo_and_simpo_need_no_adapter():
 
 
 def test_config_error_exits_2_without_traceback(tmp_path):
-    proc = run_engine(*TINY, "loss=dpo", "adapter=none", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = run_cli(*TINY, "loss=dpo", "adapter=none", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "loss: dpo learns from pairs" in proc.stderr and "nothing to switch off" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import HAVE_BNB, ROOT, needs_bnb, run_engine
+from conftest import HAVE_BNB, ROOT, needs_bnb, run_cli, run_engine
 
 SERVING = {"serve_smollm2", "chat"}
 """Recipes that run until stopped: tests/test_serve.py starts the server, queries it and SIGTERMs it;
@@ -242,7 +242,7 @@ def test_every_recipe_runs_here():
 @needs_bnb
 def test_cuda_only_settings_are_refused_on_cpu_with_exit_2(tmp_path):
     """What a GPU recipe could set that this machine cannot run: refused before anything loads."""
-    proc = run_engine(
+    proc = run_cli(
         "recipe=qlora_phi2", "model=tiny", "device=cpu", "train.optimizer=paged_adamw_8bit", f"hydra.run.dir={tmp_path / 'x'}"
     )
     assert proc.returncode == 2, proc.stderr[-2000:]

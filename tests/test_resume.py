@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, run_engine
+from conftest import ROOT, TINY, run_cli, run_engine
 
 from engine.train.checkpoint import complete_checkpoints
 
@@ -187,6 +187,12 @@ def forced(tmp_path_factory) -> Path:
     return run_dir
 
 
+# Two more CLI runs (the fixture above). The default suite covers the parts: the lr and schedule
+# re-applied after loading a checkpoint (test_train.py::test_reapplied_hyperparameters_follow_the_new_config),
+# force accepted / refused key by key (test_train.py::test_resume_with_another_config_is_refused,
+# ::test_force_refuses_what_resume_cannot_reapply) and a forced resume training on with a new lr
+# (test_exploding_training_stops_and_keeps_the_last_good_checkpoint below).
+@pytest.mark.slow
 def test_force_trains_with_the_new_lr_it_records(baseline, forced):
     log, base_log = _log(forced), _log(baseline)
     assert [rec["step"] for rec in log] == list(range(1, 9))
@@ -198,19 +204,22 @@ def test_force_trains_with_the_new_lr_it_records(baseline, forced):
     assert new != (baseline / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
-def test_force_refuses_keys_it_cannot_honour(forced, tmp_path):
+def test_force_refuses_keys_it_cannot_honour(baseline, tmp_path):
     run_dir = tmp_path / "refused"
-    shutil.copytree(forced, run_dir)
-    r = _run(run_dir, "train.lr=2e-3", "adapter.r=4", "train.micro_batch_size=4", "train.resume=force")
+    shutil.copytree(baseline, run_dir)
+    # Refused when the run dir is claimed, before anything loads: in-process is enough.
+    refused = ["train.lr=2e-3", "adapter.r=4", "train.micro_batch_size=4", "train.resume=force"]
+    r = run_cli(*ARGS, *refused, f"hydra.run.dir={run_dir}")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "adapter.r: 16 -> 4 cannot change on resume, even with train.resume=force" in r.stderr
     assert "train.micro_batch_size: 2 -> 4 cannot change on resume" in r.stderr
     assert "train.lr" not in r.stderr and "Traceback" not in r.stderr
 
 
-def test_exploding_training_stops_and_keeps_the_last_good_checkpoint(forced, tmp_path):
+def test_exploding_training_stops_and_keeps_the_last_good_checkpoint(baseline, tmp_path):
+    """A forced resume (new lr, more steps) from the finished baseline; the new lr is far too high."""
     run_dir = tmp_path / "boom"
-    shutil.copytree(forced, run_dir)
+    shutil.copytree(baseline, run_dir)
     adapter = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     r = _run(run_dir, "train.lr=1e9", "train.max_steps=10", "train.resume=force")
     assert r.returncode == 1, r.stderr[-2000:]

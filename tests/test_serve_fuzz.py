@@ -9,8 +9,9 @@ every response: no 5xx; an error has OpenAI's shape and no local path or traceba
 events are JSON. Afterwards /health and a chat answer and the queue is empty.
 
 Bounded and repeatable: ``derandomize=True`` (the same examples every run, no example
-database), ``EXAMPLES`` per backend (``ENGINE_FUZZ_EXAMPLES`` raises it for a longer run:
-bench/RESULTS.md "Server under hostile input").
+database), ``EXAMPLES`` per backend in the full run, marked slow (``ENGINE_FUZZ_EXAMPLES`` raises
+it for a longer run: bench/RESULTS.md "Server under hostile input"); the default suite sends
+``QUICK`` per backend through the same property.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 EXAMPLES = int(os.environ.get("ENGINE_FUZZ_EXAMPLES", "150"))
+QUICK = 25
 SEEN: dict[str, Counter] = {}
 """Status codes per backend over the run (printed at the end of each test: ``pytest -s``)."""
 
@@ -178,23 +180,37 @@ def error(server, body: dict) -> None:
         assert leak not in shown, (leak, shown[:2000])
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(case=request)
-def test_no_request_gets_a_5xx(served, case):  # noqa: F811  (served: the fixture imported above)
+def send_and_check(server, case) -> None:
+    """The property: one request from the strategy above, its reply checked."""
     method, path, body = case
     if isinstance(body, bytes):
-        reply = served.call(method, path, raw=body)
+        reply = server.call(method, path, raw=body)
     else:
-        data = json.dumps(with_model(body, served.backend.model_id)).encode() if body is not None else None
-        reply = served.call(method, path, raw=data)
-    SEEN.setdefault(served.backend.model_id, Counter())[reply.status] += 1
-    check(served, reply.status, reply.text)
+        data = json.dumps(with_model(body, server.backend.model_id)).encode() if body is not None else None
+        reply = server.call(method, path, raw=data)
+    SEEN.setdefault(server.backend.model_id, Counter())[reply.status] += 1
+    check(server, reply.status, reply.text)
+
+
+FUZZ = {
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+}
+
+
+@pytest.mark.slow  # 150 requests per backend (22 s on llamacpp); test_a_quick_fuzz_gets_no_5xx fuzzes in the default suite
+@settings(max_examples=EXAMPLES, **FUZZ)
+@given(case=request)
+def test_no_request_gets_a_5xx(served, case):  # noqa: F811  (served: the fixture imported above)
+    send_and_check(served, case)
+
+
+@settings(max_examples=QUICK, **FUZZ)
+@given(case=request)
+def test_a_quick_fuzz_gets_no_5xx(served, case):  # noqa: F811  (served: the fixture imported above)
+    send_and_check(served, case)
 
 
 @pytest.fixture(autouse=True)

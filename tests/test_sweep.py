@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import QUICK_TRAIN, ROOT, compose, run_engine
+from conftest import QUICK_TRAIN, ROOT, compose, run_cli, run_engine
 
 from engine.errors import ConfigError, UserError
 from engine.runs import JOB_RECORD as RECORD
@@ -264,7 +264,7 @@ RAY = importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None
     ],
 )
 def test_launcher_and_sweeper_presets_compose(choice, expect):
-    proc = run_engine(*SWEEP_ARGS, choice, "sweep.objective=train.final_loss", "--cfg", "hydra")
+    proc = run_cli(*SWEEP_ARGS, choice, "sweep.objective=train.final_loss", "--cfg", "hydra")
     assert proc.returncode == 0, proc.stderr[-2000:]
     hydra = yaml.safe_load(proc.stdout)["hydra"]
     node = hydra["launcher" if "launcher" in choice else "sweeper"]

@@ -31,16 +31,16 @@ def claim_run_dir(run_dir: Path) -> Path:
     """Create and lock a single run's dir before anything is written into it."""
     from engine.lock import acquire
 
-    make_run_dir(run_dir, "hydra.run.dir")
+    path = make_run_dir(run_dir, "hydra.run.dir")
     try:
-        acquire(run_dir)
+        acquire(path)
     except OSError as e:
         raise ConfigError(f"hydra.run.dir: cannot write in {run_dir} ({e.strerror}); choose a writable directory") from None
-    return run_dir
+    return path
 
 
 def make_run_dir(run_dir: Path, key: str) -> Path:
-    """Create ``run_dir`` or say why it cannot be (a file in the way, no permission, /proc ...)."""
+    """Create ``run_dir`` (returned absolute) or say why it cannot be (a file in the way, no permission, /proc ...)."""
     path = run_dir.absolute()
     existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
     if existing.exists() and not existing.is_dir():
@@ -56,7 +56,7 @@ def make_run_dir(run_dir: Path, key: str) -> Path:
         ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}: {run_dir} is not writable by this user; choose another directory")
-    return run_dir
+    return path
 
 
 def trains(stages: list[str]) -> bool:
