@@ -11,7 +11,8 @@ optim.py       optimizer and learning-rate schedule           } shared with the 
 scaffold.py    speed switches and outputs around the steps    } (engine/rl/grpo.py)
 signals.py     SIGTERM / Ctrl-C: checkpoint, then exit        }
 saving.py      a live run's checkpoints and final adapter     }
-checkpoint.py  atomic, checksummed checkpoint files and the resume decision
+checkpoint.py  atomic, checksummed checkpoint files and the config identity a resume compares
+               (the resume decision itself: engine/config/record.py, before config.yaml is written)
 loggers.py     TensorBoard / MLflow / W&B sinks and the loss plot
 
 Importing this package (and job.py, spec.py) loads no torch: the stages import it when a run

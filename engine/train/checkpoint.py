@@ -1,4 +1,7 @@
-"""Training checkpoints that survive any crash, and the resume decision for a run dir.
+"""Training checkpoints that survive any crash, and what a resume compares (the config identity).
+
+The resume decision itself (same config? force? never?) is taken once, before config.yaml is
+written, by engine/config/record.py with the functions here.
 
 A checkpoint is ``run_dir/checkpoints/step-K/``: the trainable weights (safetensors), the
 optimizer and scheduler state, every rank's RNG states, the data position and a hash of
