@@ -459,3 +459,27 @@ def test_a_layered_run_exports_its_stacked_levels_and_checks(layered_run, tmp_pa
     check = metrics["check_export"]
     assert check["passed"] and check["files"]["model-f32.gguf"]["top1"] == 1.0
     assert check["files"]["adapter-lora.gguf"]["top1"] == 1.0 and check["files"]["adapter-lora.gguf"]["max_dlogit"] < 1e-3
+
+
+def test_a_run_dir_holds_what_vllm_loads(exported_run):
+    """docs/serving.md serves merged/ and adapter/ with vLLM: the files it reads, in its layout."""
+    from safetensors import safe_open
+
+    merged = exported_run / "merged"
+    config = json.loads((merged / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config.get("model_type") == "llama"
+    assert list(merged.glob("*.safetensors")), "vLLM loads safetensors weights"
+    assert (merged / "tokenizer_config.json").is_file() and (merged / "tokenizer.json").is_file()
+    template = merged / "chat_template.jinja"
+    tok_config = json.loads((merged / "tokenizer_config.json").read_text())
+    assert template.is_file() or tok_config.get("chat_template"), "the chat template the run trained with"
+
+    adapter = exported_run / "adapter"
+    lora = json.loads((adapter / "adapter_config.json").read_text())
+    assert lora["peft_type"] == "LORA" and not lora.get("use_dora")
+    assert lora["r"] <= 16, "vLLM's default --max-lora-rank is 16 (docs/serving.md says to raise it)"
+    assert lora["target_modules"] and not lora.get("modules_to_save")
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), keys[:5]
+    assert len({k.split(".lora_")[0] for k in keys}) * 2 == len(keys)  # an A and a B for every layer
