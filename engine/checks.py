@@ -121,9 +121,16 @@ def _check_stages(specs: dict[str, Any], stages: list[str], problems: list[str])
 NEEDS = {
     "data": "prepared data (ctx.data)",
     "merged": "the merged model (run_dir/merged)",
-    "index": "the retrieval index (ctx.retrieval)",
 }
 """What a ``needs:X`` / ``gives:X`` stage trait means, in the words a stage-order problem uses."""
+
+
+def stage_traits(stage: str, kind: str) -> set[str]:
+    """What a stage ``needs`` or ``gives`` (its ``needs:X`` / ``gives:X`` traits): {X, ...}; none for an unknown stage."""
+    from engine.stages import STAGES
+
+    traits = STAGES.get(stage).traits if stage in STAGES else frozenset()
+    return {t.split(":", 1)[1] for t in traits if t.startswith(f"{kind}:")}
 
 
 def _check_needs(known: list[str], problems: list[str]) -> None:
@@ -133,11 +140,11 @@ def _check_needs(known: list[str], problems: list[str]) -> None:
 
     reported: set[str] = set()
     for i, stage in enumerate(known):
-        for need in sorted(t.split(":", 1)[1] for t in STAGES.get(stage).traits if t.startswith("needs:")):
-            if need in reported or any(f"gives:{need}" in STAGES.get(s).traits for s in known[:i]):
+        for need in sorted(stage_traits(stage, "needs")):
+            if need in reported or any(need in stage_traits(s, "gives") for s in known[:i]):
                 continue
             reported.add(need)
-            givers = [k for k in STAGES.keys() if f"gives:{need}" in STAGES.get(k).traits]
+            givers = [k for k in STAGES.keys() if need in stage_traits(k, "gives")]
             what = NEEDS.get(need, need)
             if not givers:
                 problems.append(f"stages: {stage} needs {what}, but no registered stage gives it (trait 'gives:{need}')")
@@ -152,17 +159,12 @@ def stages_as_ran(stages: list[str]) -> list[str]:
     ``eval.run_dir`` reads such records; their lists are upgraded, as their missing groups get defaults."""
     from engine.stages import STAGES
 
-    def gives(stage: str) -> set[str]:
-        traits = STAGES.get(stage).traits if stage in STAGES else frozenset()
-        return {t.split(":", 1)[1] for t in traits if t.startswith("gives:")}
-
     moved = "build_index" in stages and "prepare_data" in stages  # it goes right after prepare_data
     out: list[str] = []
     for stage in [s for s in stages if not (moved and s == "build_index")]:
-        traits = STAGES.get(stage).traits if stage in STAGES else frozenset()
-        for need in sorted(t.split(":", 1)[1] for t in traits if t.startswith("needs:")):
-            if not any(need in gives(s) for s in out):
-                out += [k for k in STAGES.keys() if need in gives(k)][:1]
+        for need in sorted(stage_traits(stage, "needs")):
+            if not any(need in stage_traits(s, "gives") for s in out):
+                out += [k for k in STAGES.keys() if need in stage_traits(k, "gives")][:1]
         if stage not in out:
             out.append(stage)
         if stage == "prepare_data" and moved:
@@ -282,10 +284,10 @@ def _check_index_order(retrieval: Any, stages: list[str], problems: list[str]) -
     from engine.stages import STAGES
 
     known = [s for s in stages if s in STAGES]
-    gives = [i for i, s in enumerate(known) if "gives:data" in STAGES.get(s).traits]
-    readers = [s for s in known if "needs:data" in STAGES.get(s).traits]
+    gives = [i for i, s in enumerate(known) if "data" in stage_traits(s, "gives")]
+    readers = [s for s in known if "data" in stage_traits(s, "needs")]
     plain = [s for s in known if s != "build_index"]  # the list that works: build_index right after prepare_data
-    g = next((i for i, s in enumerate(plain) if "gives:data" in STAGES.get(s).traits), None)
+    g = next((i for i, s in enumerate(plain) if "data" in stage_traits(s, "gives")), None)
     if g is None:
         plain, g = ["prepare_data", *plain], 0
     fixed = ",".join([*plain[: g + 1], "build_index", *plain[g + 1 :]])

@@ -28,6 +28,7 @@ from engine.errors import ConfigError, UserError
 
 HELP_FLAGS = {"--help", "-h"}
 HYDRA_INFO_FLAGS = {"--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
+CFG_FLAGS = {"--cfg", "-c"}
 
 
 def main(argv: list[str]) -> int:
@@ -41,9 +42,9 @@ def main(argv: list[str]) -> int:
 
             print(help_text(use_config_dirs(argv), CONF_DIR))
             return 0
-        if _prints_only(argv):
-            if any(a.startswith(("--cfg", "-c")) for a in argv):
-                compose_checked(argv)  # secrets are refused before Hydra prints them
+        if any(_flag(a) in HYDRA_INFO_FLAGS | CFG_FLAGS for a in argv):
+            if any(_flag(a) in CFG_FLAGS for a in argv):
+                compose_checked(argv)  # secrets are refused before Hydra prints the config
             return hydra_main(use_config_dirs(argv))
         if parse_args(argv).multirun:
             return hydra_main(check_sweep(argv))
@@ -54,8 +55,9 @@ def main(argv: list[str]) -> int:
         return fail(e)
 
 
-def _prints_only(argv: list[str]) -> bool:
-    return any(a in HYDRA_INFO_FLAGS or a.startswith(("--info", "--cfg")) or a in ("-c", "--cfg") for a in argv)
+def _flag(arg: str) -> str:
+    """``--cfg=job`` -> ``--cfg``: a flag as Hydra's parser reads it, with or without ``=value``."""
+    return arg.split("=", 1)[0]
 
 
 def fail(err: UserError) -> int:
@@ -68,15 +70,22 @@ def fail(err: UserError) -> int:
 
 def launch(argv: list[str]) -> int:
     """One run in this process: compose, validate, claim the run dir, freeze, execute config.yaml."""
+    return execute(frozen_run(argv, lock=True))
+
+
+def frozen_run(argv: list[str], *, lock: bool) -> Path:
+    """Compose and validate the command line once, make (and ``lock``) its run dir, decide resume,
+    write config.yaml and set up Hydra's job record: the run dir, ready to execute."""
     from engine.config.job import start_job
-    from engine.config.record import claim_run_dir, freeze
+    from engine.config.record import claim_run_dir, freeze, make_run_dir
 
     composed = compose_checked(argv)
     cfg = validate(composed.raw)
-    run_dir = claim_run_dir(Path(composed.hydra["run_dir"]))
+    where = Path(composed.hydra["run_dir"])
+    run_dir = claim_run_dir(where) if lock else make_run_dir(where, "hydra.run.dir")
     freeze(cfg, run_dir)
     start_job(composed, run_dir)
-    return execute(run_dir)
+    return run_dir
 
 
 def execute(run_dir: Path) -> int:
@@ -103,20 +112,12 @@ def launch_rank(argv: list[str]) -> int:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    from engine.config.job import start_job
-    from engine.config.record import freeze, make_run_dir
-
     # The first PartialState fixes the backend: gloo on CPU (no CUDA, or device=cpu), else nccl.
     state = PartialState(cpu="device=cpu" in argv or not torch.cuda.is_available())
     message: list = [None]
     if state.is_main_process:
         try:
-            composed = compose_checked(argv)
-            cfg = validate(composed.raw)
-            run_dir = make_run_dir(Path(composed.hydra["run_dir"]), "hydra.run.dir")
-            freeze(cfg, run_dir)
-            start_job(composed, run_dir)
-            message = [str(run_dir)]
+            message = [str(frozen_run(argv, lock=False))]  # rank 0 locks the dir when it executes
         except UserError as e:
             message = [("refused", fail(e))]
     broadcast_object_list(message, from_process=0)

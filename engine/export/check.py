@@ -274,12 +274,13 @@ def check_export_dir(
     prompt_text: Callable | None,
     model: Any,
     quantization: Any,
-    trained: Any,
+    trained: Callable[[], Any],
 ) -> tuple[dict, list[str]]:
     """Held-out cases from ``examples``, every file of the manifest checked, the numbers written into it.
 
     Returns (numbers per file, failures in words), as ``check_files``; ``files`` is the manifest's
-    (``exported_files``) and gets each file's ``parity``. ``trained`` is only used for a LoRA file.
+    (``exported_files``) and gets each file's ``parity``. ``trained`` finds the trained weights; it is
+    called only when the manifest has a LoRA file (a full-model export needs none, and may have none).
     """
     cases = held_out_cases(examples, tokenizer, prompts=spec.prompts, max_tokens=spec.max_tokens, prompt_text=prompt_text)
     lora = any(e["kind"] == "lora" for e in files.values())
@@ -291,7 +292,7 @@ def check_export_dir(
         spec=spec,
         model=model,
         quantization=quantization,
-        trained=trained if lora else None,
+        trained=trained() if lora else None,
     )
     results, problems = check_files(job)
     for name, numbers in results.items():

@@ -19,7 +19,7 @@ from engine.render.page import Block
 from engine.report.retrieval import retrieval_blocks
 from engine.report.rl import rl_blocks
 from engine.report.style import change, number
-from engine.runs import METRICS
+from engine.runs import METRICS, read_yaml
 
 if TYPE_CHECKING:
     from engine.data.spec import DataSpec
@@ -191,10 +191,11 @@ def _run_summary(run: str) -> str:
     cfg_path = Path(run).expanduser() / "config.yaml"
     if not cfg_path.is_file():
         return ""
-    import yaml
-
-    c = yaml.safe_load(cfg_path.read_text()) or {}
-    return f" (loss {c.get('loss', {}).get('kind')}, {c.get('train', {}).get('max_steps')} steps, seed {c.get('seed')})"
+    c = read_yaml(cfg_path)
+    if not isinstance(c, dict):  # unreadable: the report says less, it does not fail
+        return ""
+    loss, train = c.get("loss") or {}, c.get("train") or {}
+    return f" (loss {loss.get('kind')}, {train.get('max_steps')} steps, seed {c.get('seed')})"
 
 
 def _samples(run_dir: Path, n: int) -> list[Block]:

@@ -40,6 +40,14 @@ class Found:
     recipe: str | None = None
 
 
+def load_arguments(adapters: dict[str, Found]) -> dict[str, dict]:
+    """A backend loader's ``adapter_paths`` and ``run_info`` (served name -> path, -> run and recipe)."""
+    return {
+        "adapter_paths": {name: found.path for name, found in adapters.items()},
+        "run_info": {name: {"run": found.run, "recipe": found.recipe} for name, found in adapters.items()},
+    }
+
+
 class AdapterDirs:
     """The fence: ``resolve`` turns a client's path into a loadable adapter, or refuses it."""
 

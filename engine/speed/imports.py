@@ -36,14 +36,15 @@ QUANTIZATION_ONLY = ("bitsandbytes",)
 LIBRARIES = ("transformers", "peft")
 """Whose first import (and first model build) the packages are hidden from."""
 
-# The libraries' cached availability checks of QUANTIZATION_ONLY, cleared once the marks are
-# gone, so a later quantized build in this process (a test session, a sweep) finds bitsandbytes.
-CACHED_CHECKS = {
-    "transformers.utils.import_utils": {"bitsandbytes": "is_bitsandbytes_available"},
-    "peft.import_utils": {"bitsandbytes": "is_bnb_available", "bitsandbytes (4-bit)": "is_bnb_4bit_available"},
-}
-IMPORTS_TO_ANSWER = ("is_bnb_4bit_available",)
-"""Checks that import the package to answer: cleared, never called here (that would load it)."""
+# The libraries' cached "is bitsandbytes installed?" answers, cleared once the marks are gone, so a
+# later quantized build in this process (a test session, a sweep) finds it: (module, function).
+CACHED_CHECKS = (
+    ("transformers.utils.import_utils", "is_bitsandbytes_available"),
+    ("peft.import_utils", "is_bnb_available"),
+    ("peft.import_utils", "is_bnb_4bit_available"),
+)
+ASKED_AFTER = CACHED_CHECKS[:2]
+"""The ones the self-check calls (peft's 4-bit check imports bitsandbytes to answer: never called here)."""
 DECIDES_AT_IMPORT = ("transformers.integrations.bitsandbytes", "peft.tuners.lora.bnb")
 """Modules that import bitsandbytes only if it is there when they load: one loaded while it was
 hidden is dropped from ``sys.modules``, so the next use loads it again with bitsandbytes seen."""
@@ -68,12 +69,14 @@ def lean_call(fn: Callable[[], T], *, quantized: bool) -> tuple[T, str | None]:
     try:
         result = fn()
     except ImportError as e:
+        _unhide(hidden)
         if (e.name or "").split(".")[0] not in hidden:
             raise
-        _unhide(hidden)
         return fn(), f"[engine] lean imports off: this build needs {e.name}, imported as usual"
-    finally:
+    except BaseException:
         _unhide(hidden)
+        raise
+    _unhide(hidden)
     wrong = misreported(hidden)
     return result, (f"[engine] lean imports: {', '.join(wrong)} still reported missing after the build" if wrong else None)
 
@@ -85,32 +88,27 @@ def _unhide(hidden: list[str]) -> None:
     if set(hidden) & set(QUANTIZATION_ONLY):
         for module in DECIDES_AT_IMPORT:
             sys.modules.pop(module, None)
-        clear_cached_checks()
-
-
-def clear_cached_checks() -> None:
-    for module, checks in CACHED_CHECKS.items():
-        mod = sys.modules.get(module)
-        for fn in checks.values():
-            cached = getattr(mod, fn, None)
+        for module, fn in CACHED_CHECKS:
+            cached = getattr(sys.modules.get(module), fn, None)
             if hasattr(cached, "cache_clear"):
                 cached.cache_clear()
 
 
 def misreported(hidden: list[str]) -> list[str]:
-    """``library: package`` for each availability check that now disagrees with what is installed."""
+    """``library: bitsandbytes`` for each availability check that now disagrees with what is installed."""
+    if not set(hidden) & set(QUANTIZATION_ONLY):
+        return []
     out = []
-    for module, checks in CACHED_CHECKS.items():
-        mod = sys.modules.get(module)
-        for package, fn in checks.items():
-            check = getattr(mod, fn, None)
-            if package in hidden and check is not None and fn not in IMPORTS_TO_ANSWER:
-                try:
-                    ok = bool(check())
-                except Exception:  # a version bound or a broken install: the library's own answer stands
-                    continue
-                if not ok and _really_usable(package):
-                    out.append(f"{module.split('.')[0]}: {package}")
+    for module, fn in ASKED_AFTER:
+        check = getattr(sys.modules.get(module), fn, None)
+        if check is None:
+            continue
+        try:
+            ok = bool(check())
+        except Exception:  # a version bound or a broken install: the library's own answer stands
+            continue
+        if not ok and _really_usable("bitsandbytes"):
+            out.append(f"{module.split('.')[0]}: bitsandbytes")
     return out
 
 

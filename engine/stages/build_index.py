@@ -43,6 +43,6 @@ def build_index(ctx: RunContext) -> dict:
         )
         metrics.update(added)
         if spec.k and spec.in_training:  # the padding efficiency of what is trained on now
-            pad_id, seed = ctx.tokenizer().pad_token_id, cfg.seed
-            metrics.update(batching_metrics(ctx.data, micro_batch_size=cfg.train.micro_batch_size, pad_id=pad_id, seed=seed))
+            pad_id = ctx.tokenizer().pad_token_id
+            metrics.update(batching_metrics(ctx.data, micro_batch_size=cfg.train.micro_batch_size, pad_id=pad_id, seed=cfg.seed))
     return metrics

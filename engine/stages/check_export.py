@@ -35,7 +35,7 @@ def check_export(ctx: RunContext) -> dict:
             prompt_text=data.prompt_text if data.template else None,
             model=cfg.model,
             quantization=cfg.quantization,
-            trained=trained_weights(ctx.run_dir, evaluated.path if evaluated else None, cfg.adapter),
+            trained=lambda: trained_weights(ctx.run_dir, evaluated.path if evaluated else None, cfg.adapter),
         )
     ctx.accelerator.wait_for_everyone()
     metrics = {"prompts": spec.prompts, "files": results}

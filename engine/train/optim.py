@@ -42,7 +42,12 @@ def make_optimizer(tcfg: TrainSpec, params, device_type: str):
         return torch.optim.AdamW(params, **kw)
     if why := optimizer_problem(tcfg.optimizer, device_type):
         raise ConfigError(why)
-    import bitsandbytes as bnb
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # the quant extra is not installed
+        raise ConfigError(
+            f"train.optimizer: {tcfg.optimizer} needs the bitsandbytes package: pip install 'engine[quant]' (or use adamw)"
+        ) from None
 
     cls = {
         "adamw_8bit": bnb.optim.AdamW8bit,

@@ -154,7 +154,14 @@ def load_weights(acc, model, optimizer, data: dict, sharded: bool) -> None:
 
 
 def checkpoint_at(run_dir: Path, step: int) -> ckpt_io.Checkpoint:
-    return next(c for c in ckpt_io.complete_checkpoints(run_dir) if c.step == step)
+    """The complete checkpoint of ``step`` (the best one, for ``train.final_adapter=best``)."""
+    found = next((c for c in ckpt_io.complete_checkpoints(run_dir) if c.step == step), None)
+    if found is None:  # set aside as damaged on resume, or deleted by hand
+        raise UserError(
+            f"train.final_adapter=best: the best step's checkpoint (step-{step}) is no longer in "
+            f"{ckpt_io.checkpoints_dir(run_dir)}; keep the last weights instead with train.final_adapter=last"
+        )
+    return found
 
 
 # ---------------------------------------------------------------- the final weights

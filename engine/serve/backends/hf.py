@@ -23,7 +23,7 @@ from typing import Literal
 from engine.errors import UserError
 from engine.model.names import display_name
 from engine.serve import SERVERS, ServeSpec
-from engine.serve.adapters import Found, provenance
+from engine.serve.adapters import Found, load_arguments, provenance
 from engine.serve.backend import (
     AdapterInfo,
     AdapterScale,
@@ -264,8 +264,7 @@ def build_hf(spec: HfSpec, *, source: BackendSource, adapters: dict[str, Found])
         spec,
         model_spec=source.model,
         quant_spec=source.quantization,
-        adapter_paths={name: found.path for name, found in adapters.items()},
-        run_info={name: {"run": found.run, "recipe": found.recipe} for name, found in adapters.items()},
+        **load_arguments(adapters),
     )
     return Opened(backend, active)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from engine.errors import UserError
 from engine.native import check_llama_cpp
 from engine.serve import SERVERS, ServeSpec
-from engine.serve.adapters import Found, provenance
+from engine.serve.adapters import Found, load_arguments, provenance
 from engine.serve.backend import (
     AdapterInfo,
     AdapterScale,
@@ -80,21 +80,20 @@ def build_llamacpp(spec: LlamaCppSpec, *, source: BackendSource, adapters: dict[
         spec,
         model_spec=source.model,
         gguf_path=gguf,
-        adapter_paths={name: found.path for name, found in adapters.items()},
-        run_info={name: {"run": found.run, "recipe": found.recipe} for name, found in adapters.items()},
+        **load_arguments(adapters),
     )
     return Opened(backend, active)
 
 
 def _run_gguf(source: BackendSource) -> tuple[Path | None, Path | None]:
     """(the LoRA GGUF to load, the base GGUF) of the finished run ``source.evaluated``; None: the default."""
+    from engine.export.manifest import base_gguf_of, read_manifest
     from engine.export.merge import find_trained
 
     run = source.evaluated
     trained = find_trained(run, scales=source.scales)
     export = run / "export"
-    manifest = json.loads((export / "manifest.json").read_text()) if (export / "manifest.json").is_file() else {"files": {}}
-    files = manifest.get("files", {})
+    files = read_manifest(export)
     if trained.adapter_dir is None:
         models = [export / n for n, e in files.items() if e.get("kind") == "model"]
         if not models:
@@ -105,8 +104,6 @@ def _run_gguf(source: BackendSource) -> tuple[Path | None, Path | None]:
         return None, models[0]
     lora = export / "adapter-lora.gguf"
     if lora.is_file():
-        from engine.export.manifest import base_gguf_of
-
         return lora, base_gguf_of(files["adapter-lora.gguf"], export) if "adapter-lora.gguf" in files else None
     return _export_lora(trained, source), None
 
@@ -413,7 +410,7 @@ class LlamaCppBackend:
                 "adapter-lora.gguf with the base it belongs to in export/manifest.json"
             )
         if run is None and recipe is None:
-            run, recipe = _provenance(path)
+            run, recipe = provenance(path)
         info = AdapterInfo(name=name, format="gguf", run=run, recipe=recipe)
         self._adapters[name] = _Adapter(info=info, handle=handle, source=path)
         return info
@@ -527,18 +524,3 @@ def _gguf_kind_hint(path: Path) -> str:
     parts = [f"general.type={kind}" if kind else "", f"architecture {arch}" if arch else ""]
     said = ", ".join(p for p in parts if p)
     return f" ({said})" if said else ""
-
-
-def _provenance(path: Path) -> tuple[str | None, str | None]:
-    """(run dir name, recipe) of the run an adapter file lies in: the nearest parent with config.yaml."""
-    import yaml
-
-    for parent in list(path.parents)[:3]:
-        config = parent / "config.yaml"
-        if config.is_file():
-            try:
-                recipe = (yaml.safe_load(config.read_text()) or {}).get("recipe")
-            except (yaml.YAMLError, OSError, AttributeError):
-                recipe = None
-            return parent.name, recipe if isinstance(recipe, str) else None
-    return None, None
