@@ -215,25 +215,33 @@ def build(spec: IndexSpec, embedder, passages: list[Passage], *, progress: bool 
     return index, {"train_seconds": round(t_train, 3), "build_seconds": round(time.perf_counter() - t0, 3)}
 
 
-def save(out_dir: Path, index, spec: IndexSpec, embedder, passages: list[Passage], corpus_label: str) -> dict:
-    """Write index.faiss, then meta.json (its presence marks a complete index); returns the meta."""
+def save(
+    out_dir: Path, index, spec: IndexSpec, embedder, passages: list[Passage], corpus_label: str, sha256: str | None = None
+) -> dict:
+    """Write index.faiss, then meta.json (its presence marks a complete index); returns the meta.
+    ``sha256``: the corpus hash when the caller has it already (hashing a large corpus is not free)."""
     import faiss
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{INDEX_FILE}.tmp{os.getpid()}"
     faiss.write_index(index, str(tmp))
     os.replace(tmp, out_dir / INDEX_FILE)
-    meta = {
+    meta = index_meta(spec, embedder, passages, corpus_label, sha256)
+    meta["index_bytes"] = (out_dir / INDEX_FILE).stat().st_size
+    write_json_atomic(out_dir / META_FILE, meta)
+    return meta
+
+
+def index_meta(spec: IndexSpec, embedder, passages: list[Passage], corpus_label: str, sha256: str | None = None) -> dict:
+    """An index's meta (what it was built from and how), as meta.json holds it, without the file size."""
+    return {
         "format": FORMAT,
         "kind": spec.kind,
         "params": build_params(spec),
         "embedder": {**embedder.identity, "state": embedder.state()},
-        "corpus": {"source": corpus_label, "sha256": corpus_sha256(passages), "passages": len(passages)},
-        "index_bytes": (out_dir / INDEX_FILE).stat().st_size,
+        "corpus": {"source": corpus_label, "sha256": sha256 or corpus_sha256(passages), "passages": len(passages)},
         "passages": [p.row() for p in passages],
     }
-    write_json_atomic(out_dir / META_FILE, meta)
-    return meta
 
 
 def read_meta(path: Path) -> dict | None:

@@ -92,7 +92,8 @@ def open_index(
             overlap=spec.overlap,
         )
         places = [run_dir / INDEX_DIR] + ([earlier_run / INDEX_DIR] if earlier_run is not None else [])
-        found = _reusable(places, spec, embedder, passages)
+        sha = corpus_sha256(passages)  # once: what an earlier index is matched on, and what this one records
+        found = _reusable(places, spec, embedder, sha)
         if found is not None:
             index, meta, how = idx.load(found, mmap=spec.mmap)
             metrics.update(source="reused", reused_from=shown_path(found, run_dir))
@@ -100,7 +101,11 @@ def open_index(
             index, seconds = idx.build(spec, embedder, passages, progress=main)
             label = spec.corpus if spec.corpus == EXAMPLES else shown_path(spec.corpus, run_dir)
             out_dir = run_dir / INDEX_DIR
-            meta = idx.save(out_dir, index, spec, embedder, passages, label) if main else _unsaved(spec, embedder, passages)
+            # Rank 0 writes the files; the other ranks hold the same meta in memory.
+            if main:
+                meta = idx.save(out_dir, index, spec, embedder, passages, label, sha)
+            else:
+                meta = idx.index_meta(spec, embedder, passages, label, sha)
             how = "memory"
             metrics.update(source="built", **seconds)
     if meta["embedder"].get("state"):
@@ -182,9 +187,9 @@ def _score_queries(retriever: idx.Retriever, spec: IndexSpec) -> dict:
     return score(rankings, [rel for _, rel in labelled], spec.metrics_k)
 
 
-def _reusable(places: list[Path], spec: IndexSpec, embedder: Embedder, passages: list) -> Path | None:
-    """The first of ``places`` holding an index built from the same corpus the same way."""
-    want = (spec.kind, idx.build_params(spec), embedder.name, embedder.model, corpus_sha256(passages))
+def _reusable(places: list[Path], spec: IndexSpec, embedder: Embedder, sha256: str) -> Path | None:
+    """The first of ``places`` holding an index built from the same corpus (``sha256``) the same way."""
+    want = (spec.kind, idx.build_params(spec), embedder.name, embedder.model, sha256)
     for place in places:
         meta = idx.read_meta(place)
         if meta is None:
@@ -194,15 +199,3 @@ def _reusable(places: list[Path], spec: IndexSpec, embedder: Embedder, passages:
         if have == want:
             return place
     return None
-
-
-def _unsaved(spec: IndexSpec, embedder: Embedder, passages: list) -> dict:
-    """The meta a non-main rank would have saved (rank 0 writes the files)."""
-    return {
-        "format": idx.FORMAT,
-        "kind": spec.kind,
-        "params": idx.build_params(spec),
-        "embedder": {**embedder.identity, "state": embedder.state()},
-        "corpus": {"source": spec.corpus, "sha256": corpus_sha256(passages), "passages": len(passages)},
-        "passages": [p.row() for p in passages],
-    }
