@@ -40,11 +40,20 @@ JOB_RECORD = "sweep_job.json"
 """A sweep job's record in its run dir: status, error, wall time, peak memory (engine/sweep/job.py)."""
 
 METRICS = "metrics.json"
+TRAIN_LOG = "train_log.jsonl"
+"""One JSON record per logged optimizer step (loss, lr, tokens ...; GRPO adds its rewards)."""
 
 GONE = "its process is gone (killed or crashed)"
 
 
 # ---------------------------------------------------------------- metrics.json by dotted key
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a train_log.jsonl (none when it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_metrics(run_dir: Path) -> dict:

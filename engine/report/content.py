@@ -19,7 +19,7 @@ from engine.render.page import Block
 from engine.report.retrieval import retrieval_blocks
 from engine.report.rl import rl_blocks
 from engine.report.style import change, number
-from engine.runs import METRICS, read_yaml
+from engine.runs import METRICS, TRAIN_LOG, read_log, read_yaml
 
 if TYPE_CHECKING:
     from engine.data.spec import DataSpec
@@ -214,9 +214,8 @@ def _train_log(run_dir: Path, evaluated: Path | None) -> list[tuple[int, float]]
     """(step, loss) from train_log.jsonl here, or in the evaluated run's dir (``WhatRan.evaluated_run``;
     metrics.json shows that run without its local place, so the path comes from the config)."""
     for d in [run_dir, evaluated]:
-        if d is not None and (d / "train_log.jsonl").exists():
-            rows = [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines() if x.strip()]
-            return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        if d is not None and (d / TRAIN_LOG).exists():
+            return [(r["step"], r["loss"]) for r in read_log(d / TRAIN_LOG) if "loss" in r]
     return []
 
 

@@ -7,11 +7,11 @@ and train_log.jsonl for the per-step curve.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from engine.render.page import Block
 from engine.report.style import change, number
+from engine.runs import TRAIN_LOG, read_log
 
 
 def rl_blocks(run_dir: Path, metrics: dict, reward_kind: str | None = None) -> list[Block]:
@@ -58,10 +58,7 @@ def rl_blocks(run_dir: Path, metrics: dict, reward_kind: str | None = None) -> l
 
 
 def _reward_curve(run_dir: Path) -> Block | None:
-    path = run_dir / "train_log.jsonl"
-    if not path.exists():
-        return None
-    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    recs = read_log(run_dir / TRAIN_LOG)
     points = [(r["step"], r["reward_mean"]) for r in recs if "reward_mean" in r]
     if not points:
         return None

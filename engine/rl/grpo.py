@@ -45,13 +45,14 @@ from engine.reward import RewardItem, items_from_examples
 from engine.rl.job import GrpoJob, GrpoState
 from engine.rl.objective import completion_logprobs, group_advantages, sequence_terms
 from engine.rl.sampling import PromptStream, Samples, sample
+from engine.runs import TRAIN_LOG, read_log
 from engine.train import checkpoint as ckpt_io
 from engine.train.guard import Diverged
 from engine.train.job import Run
 from engine.train.loggers import plot
 from engine.train.optim import optimize, total_steps
 from engine.train.saving import resume, save_adapter, save_checkpoint, uses_accelerate_state
-from engine.train.scaffold import LOG, outputs, read_log, speed_switches
+from engine.train.scaffold import outputs, speed_switches
 from engine.train.signals import raise_if_interrupted
 
 SAMPLES = "samples.jsonl"
@@ -324,10 +325,9 @@ def finish(run: GrpoRun) -> dict:
     raise_if_interrupted(run)
     elapsed = time.perf_counter() - run.out.t_start
     adapter_dir = save_adapter(job, run.model, sharded=run.sharded)
-    log_path = job.run_dir / LOG
-    recs = read_log(log_path)
+    recs = read_log(job.run_dir / TRAIN_LOG)
     if job.is_main and job.train.plot and recs:
-        plot(log_path, job.run_dir / "loss.png")
+        plot(recs, job.run_dir / "loss.png")
     window = max(1, min(5, len(recs) // 4 or 1))
     rewards = [r["reward_mean"] for r in recs if "reward_mean" in r]
     return {

@@ -9,7 +9,6 @@ file store (``mlflow ui --backend-store-uri run_dir/mlruns``), W&B runs in offli
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from engine.errors import UserError
@@ -105,11 +104,10 @@ class _WandB:
 _SINKS = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}
 
 
-def plot(log_path: Path, out: Path) -> Path | None:
-    """loss.png: training loss (and validation loss where measured) and learning rate per step."""
-    lines = Path(log_path).read_text().splitlines() if Path(log_path).exists() else []
-    recs = [json.loads(line) for line in lines if line.strip()]
-    recs = [r for r in recs if "loss" in r]
+def plot(log: list[dict], out: Path) -> Path | None:
+    """loss.png: training loss (and validation loss where measured) and learning rate per step,
+    from the train log's records (``engine.runs.read_log``)."""
+    recs = [r for r in log if "loss" in r]
     if not recs:
         return None
     fig, (ax1, ax2) = figure(2, 1, size=(7, 5.5), sharex=True)

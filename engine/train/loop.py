@@ -30,13 +30,14 @@ import torch
 from engine.data.collate import Batches
 from engine.files import shown_path
 from engine.loss import LOSSES
+from engine.runs import TRAIN_LOG, read_log
 from engine.train import checkpoint as ckpt_io
 from engine.train.guard import Guard, weight_norm
 from engine.train.job import Run, TrainJob, TrainState
 from engine.train.loggers import plot
 from engine.train.optim import optimize, total_steps
 from engine.train.saving import checkpoint_at, load_weights, resume, save_adapter, save_checkpoint, uses_accelerate_state
-from engine.train.scaffold import LOG, outputs, read_log, speed_switches
+from engine.train.scaffold import outputs, speed_switches
 from engine.train.signals import raise_if_interrupted
 from engine.train.step import accumulate, reduce_across
 from engine.train.validation import evaluate
@@ -201,10 +202,10 @@ def finish(run: TrainRun) -> dict:
         best = ckpt_io.load_checkpoint(checkpoint_at(job.run_dir, state.best_step))
         load_weights(acc, run.model, None, best, run.sharded)
     adapter_dir = save_adapter(job, run.model, sharded=run.sharded)
-    log_path = job.run_dir / LOG
-    losses = [r["loss"] for r in read_log(log_path) if "loss" in r] if job.is_main else []
+    log = read_log(job.run_dir / TRAIN_LOG) if job.is_main else []
+    losses = [r["loss"] for r in log if "loss" in r]
     if job.is_main and tcfg.plot:
-        plot(log_path, job.run_dir / "loss.png")
+        plot(log, job.run_dir / "loss.png")
     return {
         "steps": state.step,
         "resumed_from_step": run.resumed_from,

@@ -12,19 +12,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 
 from tqdm.auto import tqdm
 
 from engine.files import portable_config
+from engine.runs import TRAIN_LOG
 from engine.speed.apply import speedups
 from engine.train import checkpoint as ckpt_io
 from engine.train.job import Job, Run
 from engine.train.loggers import Loggers
 from engine.train.signals import StopOnSignal
-
-LOG = "train_log.jsonl"
 
 
 @contextmanager
@@ -77,8 +75,8 @@ def outputs(run: Run, desc: str) -> Iterator[Outputs]:
     job = run.job
     log = sinks = None
     if job.is_main:
-        ckpt_io.truncate_log(job.run_dir / LOG, run.state.step)
-        log = open(job.run_dir / LOG, "a")
+        ckpt_io.truncate_log(job.run_dir / TRAIN_LOG, run.state.step)
+        log = open(job.run_dir / TRAIN_LOG, "a")
         # The config as config.yaml holds it (sample files as ${sample:NAME}): logger records are shared too.
         sinks = Loggers(job.train.loggers, job.run_dir, start_step=run.state.step, config=portable_config(job.config))
     stop = StopOnSignal()
@@ -91,10 +89,3 @@ def outputs(run: Run, desc: str) -> Iterator[Outputs]:
         if log:
             log.close()
             sinks.close()
-
-
-def read_log(path: Path) -> list[dict]:
-    """The records of a train_log.jsonl (none when it does not exist)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
