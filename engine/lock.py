@@ -90,6 +90,15 @@ def holding(run_dir: Path, enabled: bool = True):
             release(run_dir)
 
 
+def holder_pid(run_dir: Path) -> int | None:
+    """The PID the run dir's lock file names (its first line; a clean exit empties the file), or None."""
+    try:
+        first = (Path(run_dir) / LOCK_NAME).read_text().split("\n", 1)[0].strip()
+    except OSError:
+        return None
+    return int(first) if first.isdigit() else None
+
+
 def in_use_message(run_dir: Path, holder: str) -> str:
     who = _describe(holder) if holder else "another process"
     return f"hydra.run.dir: run dir {run_dir} is in use by {who}; wait for it to finish or choose another hydra.run.dir"

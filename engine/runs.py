@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from engine.files import read_json_record
-from engine.lock import LOCK_NAME
+from engine.lock import holder_pid
 
 STATUSES = ("ok", "failed", "interrupted", "running", "incomplete", "not started")
 """Every status a run dir can have, best first (the runs page and the sweep summary show these)."""
@@ -128,7 +128,7 @@ def status_of(run_dir: Path, record: dict | None = None, metrics: dict | None = 
         return ("running", "") if _alive(record.get("pid")) else ("interrupted", GONE)
     if recorded in STATUSES:
         return recorded, record.get("error", "")
-    holder = _lock_holder(run_dir)
+    holder = holder_pid(run_dir)
     if holder is not None:
         return ("running", "") if _alive(holder) else ("interrupted", GONE)
     config = read_yaml(run_dir / "config.yaml")
@@ -147,15 +147,6 @@ def overall(statuses: Iterable[str]) -> str:
     if seen == {"ok"}:
         return "ok"
     return next((s for s in ("running", "failed", "interrupted") if s in seen), "incomplete")
-
-
-def _lock_holder(run_dir: Path) -> int | None:
-    """The PID a run dir's lock file names (a clean exit empties it), or None."""
-    try:
-        first = (run_dir / LOCK_NAME).read_text().split("\n", 1)[0].strip()
-    except OSError:
-        return None
-    return int(first) if first.isdigit() else None
 
 
 def _alive(pid: Any) -> bool:
