@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.files import write_json_atomic
+from engine.serve.backend import BackendSource
 from engine.speed.imports import lean_call
 
 if TYPE_CHECKING:  # the specs' packages sit below this layer only for type checkers
@@ -128,6 +129,17 @@ class RunContext:
             "model_spec": cfg.model,
             "config": cfg.raw,
         }
+
+    def backend_source(self) -> BackendSource:
+        """What a serving backend (serve, chat, adapter_matrix) takes from the run besides its preset."""
+        cfg, run = self.cfg, self.cfg.evaluated_run
+        return BackendSource(
+            model=cfg.model,
+            quantization=cfg.quantization,
+            adapter=cfg.adapter,
+            evaluated=run.path if run else None,
+            out_dir=self.run_dir,
+        )
 
     def tokenizer(self):
         if self._tokenizer is None:

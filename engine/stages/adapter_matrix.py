@@ -11,7 +11,6 @@ blend of ``serve.matrix.blends``. Writes adapter_matrix.json / .csv / .jsonl; th
 from __future__ import annotations
 
 from engine.context import RunContext
-from engine.serve.backend import BackendSource
 from engine.serve.matrix import adapter_matrix as run_adapter_matrix
 from engine.stages.registry import STAGES
 
@@ -19,8 +18,8 @@ from engine.stages.registry import STAGES
 @STAGES.register("adapter_matrix", traits=("needs:data",))
 def adapter_matrix(ctx: RunContext) -> dict:
     """Quality (text metrics, suite pass rates) and latency (TTFT, tokens/s) per adapter set."""
-    cfg, run = ctx.cfg, ctx.cfg.evaluated_run
-    source = BackendSource(cfg.model, cfg.quantization, cfg.adapter, run.path if run else None, ctx.run_dir)
+    cfg = ctx.cfg
+    source = ctx.backend_source()
     return run_adapter_matrix(
         cfg.serve, source, ev=cfg.eval, data=ctx.data, tokenizer=ctx.tokenizer, out_dir=ctx.run_dir, main=ctx.is_main
     )

@@ -9,7 +9,6 @@ turn is appended to ``chat.jsonl`` in the run dir.
 from __future__ import annotations
 
 from engine.context import RunContext
-from engine.serve.backend import BackendSource
 from engine.serve.chat import terminal_chat
 from engine.stages.registry import STAGES
 
@@ -17,6 +16,4 @@ from engine.stages.registry import STAGES
 @STAGES.register("chat")
 def chat(ctx: RunContext) -> dict:
     """Interactive chat with history and streaming; /adapter switches or blends adapters."""
-    cfg, run = ctx.cfg, ctx.cfg.evaluated_run
-    source = BackendSource(cfg.model, cfg.quantization, cfg.adapter, run.path if run else None, ctx.run_dir)
-    return terminal_chat(cfg.serve, source, transcript=ctx.run_dir / "chat.jsonl")
+    return terminal_chat(ctx.cfg.serve, ctx.backend_source(), transcript=ctx.run_dir / "chat.jsonl")

@@ -12,7 +12,6 @@ directory too.
 from __future__ import annotations
 
 from engine.context import RunContext
-from engine.serve.backend import BackendSource
 from engine.serve.server import serve as serve_until_stopped
 from engine.stages.registry import STAGES
 
@@ -20,6 +19,4 @@ from engine.stages.registry import STAGES
 @STAGES.register("serve")
 def serve(ctx: RunContext) -> dict:
     """The model behind OpenAI's API (chat, completions, models, adapter hot-swap) until stopped."""
-    cfg, run = ctx.cfg, ctx.cfg.evaluated_run
-    source = BackendSource(cfg.model, cfg.quantization, cfg.adapter, run.path if run else None, ctx.run_dir)
-    return serve_until_stopped(cfg.serve, source)
+    return serve_until_stopped(ctx.cfg.serve, ctx.backend_source())
