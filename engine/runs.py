@@ -125,12 +125,12 @@ def status_of(run_dir: Path, record: dict | None = None, metrics: dict | None = 
         host = record.get("host")
         if host and host != socket.gethostname():
             return "running", f"(on {host}: cannot check from here)"
-        return ("running", "") if _alive(record.get("pid")) else ("interrupted", GONE)
+        return ("running", "") if alive(record.get("pid")) else ("interrupted", GONE)
     if recorded in STATUSES:
         return recorded, record.get("error", "")
     holder = holder_pid(run_dir)
     if holder is not None:
-        return ("running", "") if _alive(holder) else ("interrupted", GONE)
+        return ("running", "") if alive(holder) else ("interrupted", GONE)
     config = read_yaml(run_dir / "config.yaml")
     stages = config.get("stages") if isinstance(config, dict) else None
     if metrics and (not isinstance(stages, list) or all(s in metrics for s in stages)):
@@ -149,7 +149,8 @@ def overall(statuses: Iterable[str]) -> str:
     return next((s for s in ("running", "failed", "interrupted") if s in seen), "incomplete")
 
 
-def _alive(pid: Any) -> bool:
+def alive(pid: Any) -> bool:
+    """Whether a process with this PID is running (a zombie counts as gone)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:

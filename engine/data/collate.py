@@ -145,7 +145,10 @@ class Batches:
         self.rank, self.world = rank, world
         self.packing, self.group_by_length = packing, group_by_length
         self.mask_dtype, self.segments = mask_dtype, segments
-        lengths = [_length(e) for e in examples]
+        # A cached split (``StoredSplit``) carries its token counts: no example is read to batch it.
+        stored = getattr(examples, "lengths", None)
+        lengths = stored.tolist() if stored is not None else [_length(e) for e in examples]
+        self._sequence_lengths = getattr(examples, "sequence_lengths", None)
         if packing:
             capacity = max_length or max(lengths, default=1)
             self.rows = pack(lengths, max(capacity, max(lengths, default=1)))
@@ -209,10 +212,16 @@ class Batches:
             if self.packing:
                 lengths = [self.row_lengths[r] for r in batch]
             else:  # a pair is two padded rows
-                lengths = [n for r in batch for n in _sequence_lengths(self.examples[self.rows[r][0]])]
+                lengths = [n for r in batch for n in self._lengths_of(self.rows[r][0])]
             real += sum(lengths)
             total += len(lengths) * max(lengths)
         return round(real / total, 4) if total else 0.0
+
+    def _lengths_of(self, i: int) -> list[int]:
+        if self._sequence_lengths is None:
+            return _sequence_lengths(self.examples[i])
+        chosen, rejected = self._sequence_lengths
+        return [int(chosen[i])] + ([int(rejected[i])] if rejected[i] else [])
 
 
 def _length(example) -> int:

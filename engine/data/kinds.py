@@ -32,3 +32,5 @@ FIELDS[AUTO] = {name: name for kind in REQUIRED for name in FIELDS[kind]}
 
 HUB_PREFIX = "hf:"
 MISSING = "???"
+STREAM_TYPES = (".jsonl", ".csv", ".tsv", ".parquet")
+"""File types ``data.streaming`` reads row by row (besides a datasets save_to_disk folder)."""

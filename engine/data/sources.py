@@ -19,7 +19,9 @@ import csv
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,47 @@ def peek(path: str, key: str = "data.path", n: int = PEEK_ROWS) -> tuple[list[st
     rows = [r for r in _read(path, key, limit=n) if isinstance(r, dict)]
     columns = list(header or dict.fromkeys(k for r in rows for k in r))
     return columns, rows
+
+
+def iter_rows(path: str, key: str = "data.path") -> Iterator[dict | BadRow | Line]:
+    """The rows of ``path`` in file order, one at a time: memory bounded by a row, not the file.
+
+    JSONL lines come unparsed (``Line``; ``parse_line`` in a preparation worker), so the
+    reading process only splits lines. The same errors as ``read_rows``, raised when met.
+    """
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if path.startswith(HUB_PREFIX) or p.is_dir() or suffix not in (".jsonl", ".csv", ".tsv", ".parquet"):
+        yield from _read(path, key, limit=None)  # whole: a hub or save_to_disk set is memory-mapped already
+        return
+    n = 0
+    try:
+        if suffix == ".jsonl":
+            rows = _jsonl_lines(p, key)
+        elif suffix == ".parquet":
+            rows = _parquet_rows(p)
+        else:
+            rows = _csv_rows(p, delimiter="\t" if suffix == ".tsv" else ",")
+        for row in rows:
+            n += 1
+            yield row
+    except OSError as e:
+        raise DataError(f"{key}: cannot read {p}: {e}") from None
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow raises its own types for a corrupt file
+        if suffix == ".parquet":
+            raise DataError(f"{key}: {p} is not a readable Parquet file: {e}") from None
+        raise
+    if not n:
+        raise DataError(_empty(p, key))
+
+
+def _parquet_rows(p: Path, batch: int = 1024) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    for b in pq.ParquetFile(p).iter_batches(batch_size=batch):
+        yield from b.to_pylist()
 
 
 def _read(path: str, key: str, limit: int | None) -> list[dict | BadRow]:
@@ -146,24 +189,49 @@ def _decode(raw: bytes, where: str) -> str | BadRow:
         return BadRow("undecodable", f"{where}: not UTF-8 ({e.reason} at byte {e.start})", raw.decode("utf-8", "replace"))
 
 
-def _jsonl(path: Path, key: str, limit: int | None = None) -> list[dict | BadRow]:
+@dataclass(frozen=True)
+class Line:
+    """A JSONL line not parsed yet (``parse_line``): a preparation worker parses it, not the reader."""
+
+    raw: bytes
+    number: int
+    """1-based line number in the file (what a bad row's detail names)."""
+
+
+def parse_line(line: Line) -> dict | BadRow:
+    """One JSONL line as a row, or the ``BadRow`` saying why it is not one."""
+    text = _decode(line.raw, f"line {line.number}")
+    if isinstance(text, BadRow):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return BadRow("invalid JSON", f"line {line.number}: {e.msg} (column {e.colno})", text.rstrip("\n"))
+
+
+def _blank(raw: bytes) -> bool:
+    """A line with nothing but whitespace (Unicode whitespace too) is not a row."""
+    if not raw.strip():
+        return True
+    if raw.isascii():
+        return False
+    try:
+        return not raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return False  # an undecodable line is a row: rejected as undecodable
+
+
+def _jsonl_lines(path: Path, key: str) -> Iterator[Line]:
     _not_one_array(path, key)
-    rows: list[dict | BadRow] = []
     with open(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
-            if limit is not None and len(rows) >= limit:
-                break
-            line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if i == 1 else raw, f"line {i}")
-            if isinstance(line, BadRow):
-                rows.append(line)
-                continue
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                rows.append(BadRow("invalid JSON", f"line {i}: {e.msg} (column {e.colno})", line.rstrip("\n")))
-    return rows
+            raw = raw.removeprefix(b"\xef\xbb\xbf") if i == 1 else raw
+            if not _blank(raw):
+                yield Line(raw, i)
+
+
+def _jsonl(path: Path, key: str, limit: int | None = None) -> list[dict | BadRow]:
+    return [parse_line(line) for line in islice(_jsonl_lines(path, key), limit)]
 
 
 def _not_one_array(path: Path, key: str) -> None:
@@ -207,31 +275,33 @@ def _json(path: Path, key: str) -> list:
 
 
 def _csv(path: Path, delimiter: str, limit: int | None = None) -> list[dict | BadRow]:
-    rows: list[dict | BadRow] = []
+    return list(islice(_csv_rows(path, delimiter), limit))
+
+
+def _csv_rows(path: Path, delimiter: str) -> Iterator[dict | BadRow]:
     # surrogateescape keeps undecodable bytes visible as lone surrogates: such a row is
     # rejected as undecodable instead of the whole file failing.
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         header = reader.fieldnames or []
-        while limit is None or len(rows) < limit:
+        while True:
             line = reader.line_num + 1
             try:
                 row = next(reader)
             except StopIteration:
                 break
             except csv.Error as e:
-                rows.append(BadRow("unparsable CSV", f"line {line}: {e}"))
+                yield BadRow("unparsable CSV", f"line {line}: {e}")
                 continue
             extra, missing = row.pop(None, None), [k for k, v in row.items() if v is None]
             if extra is not None or missing:
                 got = len(header) + len(extra or []) - len(missing)
-                rows.append(BadRow("wrong column count", f"line {line}: {got} columns, header has {len(header)}", _clean(row)))
+                yield BadRow("wrong column count", f"line {line}: {got} columns, header has {len(header)}", _clean(row))
                 continue
             if any(_has_surrogates(v) for v in row.values()):
-                rows.append(BadRow("undecodable", f"line {line}: not UTF-8", _clean(row)))
+                yield BadRow("undecodable", f"line {line}: not UTF-8", _clean(row))
                 continue
-            rows.append(row)
-    return rows
+            yield row
 
 
 def _has_surrogates(s: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from engine.data.kinds import AUTO, FIELDS, HUB_PREFIX, MISSING, REQUIRED  # noqa: F401  (re-exported)
+from engine.data.kinds import AUTO, FIELDS, HUB_PREFIX, MISSING, REQUIRED, STREAM_TYPES  # noqa: F401  (re-exported)
 from engine.registry import Spec
 
 
@@ -80,6 +80,14 @@ class DataSpec(Spec):
     """Use only the first N rows (quick experiments)."""
     preview: int = Field(3, ge=1)
     """Examples the preview_data stage prints."""
+    cache: bool = True
+    """Keep the prepared examples in $ENGINE_CACHE/data (memory-mapped), reused by every run with the same key (docs/data.md)."""
+    num_proc: int | None = Field(None, ge=1)
+    """Processes that render and tokenize on a cache miss; null = one per CPU core."""
+    streaming: bool = False
+    """Read the train file as a stream (render, tokenize, pack on the fly): for data larger than memory; needs train.max_steps."""
+    shuffle_buffer: int = Field(10_000, ge=1)
+    """Streaming: rows held and drawn from at random (a larger buffer shuffles better, holds more rows)."""
 
     _detected: str | None = PrivateAttr(None)
 
@@ -150,6 +158,19 @@ class DataSpec(Spec):
         """The row column that holds logical field ``name`` (after ``fields`` renames)."""
         return self.fields.get(name, FIELDS[self.kind][name])
 
+    @model_validator(mode="after")
+    def _streamable(self):
+        """``streaming`` reads a local file (or save_to_disk folder) row by row: say so before anything loads."""
+        if not self.streaming:
+            return self
+        p = Path(self.path).expanduser()
+        if self.path.startswith(HUB_PREFIX) or not (p.is_dir() or p.suffix.lower() in STREAM_TYPES):
+            why = (
+                f"data.streaming reads a local {', '.join(STREAM_TYPES)} file or a datasets save_to_disk folder, not {self.path}"
+            )
+            raise _located(type(self), (("streaming",), True, f"{why}; use data.streaming=false"))
+        return self
+
 
 class TextSpec(DataSpec):
     packing: bool = True
@@ -177,6 +198,10 @@ class DocumentsSpec(DataSpec):
     @model_validator(mode="after")
     def _chunking(self):
         cls = type(self)
+        if self.streaming:
+            raise _located(
+                cls, (("streaming",), True, "kind documents is read whole (scored, chunked); use data.streaming=false")
+            )
         if self.overlap >= self.chunk_tokens:
             raise _located(
                 cls, (("overlap",), self.overlap, f"{self.overlap} must be smaller than chunk_tokens ({self.chunk_tokens})")

@@ -56,6 +56,8 @@ NOT_HASHED = [
     ("stages",),
     ("eval",),
     ("sweep",),
+    ("data", "cache"),
+    ("data", "num_proc"),
     ("train", "loggers"),
     ("train", "plot"),
     ("train", "log_every"),

@@ -81,6 +81,9 @@ class TrainState(Progress):
     """Each micro-batch is cut into this many pieces (doubles after a CUDA OOM)."""
     since_eval: float = 0.0
     since_eval_steps: int = 0
+    stream: dict | None = None
+    """Streamed data (data.streaming): the stream's exact position (file row, shuffle buffer, RNG),
+    so a resumed run draws the rows an uninterrupted one would; None for map-style data."""
 
 
 @dataclass(kw_only=True)

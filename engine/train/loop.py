@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from engine.data.collate import Batches
+from engine.data.stream import StreamBatches, TrainStream
 from engine.files import shown_path
 from engine.loss import LOSSES
 from engine.runs import TRAIN_LOG, read_log
@@ -79,17 +80,20 @@ def set_up(job: TrainJob, *, segments: bool) -> TrainRun:
     torch.manual_seed(job.seed)
     loss_fn = LOSSES.build(job.loss, tokenizer=job.tokenizer)
 
-    # 1. Data: a deterministic micro-batch stream per process; position K says what comes next.
-    batches = Batches(
-        job.data.splits["train"],
-        micro_batch_size=tcfg.micro_batch_size,
-        pad_id=job.tokenizer.pad_token_id,
-        seed=job.seed,
-        rank=acc.process_index,
-        world=acc.num_processes,
+    # 1. Data: a deterministic micro-batch stream per process; position K says what comes next
+    #    (streamed data: the stream's own position, restored from the checkpoint below).
+    train = job.data.splits["train"]
+    data_options = {
+        "micro_batch_size": tcfg.micro_batch_size,
+        "pad_id": job.tokenizer.pad_token_id,
+        "seed": job.seed,
+        "rank": acc.process_index,
+        "world": acc.num_processes,
         **_batching(job, segments),
-    )
-    steps = total_steps(tcfg, len(batches), tcfg.grad_accum)
+    }
+    streamed = isinstance(train, TrainStream)
+    batches = None if streamed else Batches(train, **data_options)
+    steps = total_steps(tcfg, 0 if streamed else len(batches), tcfg.grad_accum)
 
     # 2. Optimizer and schedule over the trainable parameters only, prepared by accelerate.
     model, optimizer, scheduler, params = optimize(job, steps)
@@ -110,7 +114,7 @@ def set_up(job: TrainJob, *, segments: bool) -> TrainRun:
         state=state,
         resumed_from=resumed_from,
         loss_fn=loss_fn,
-        stream=batches.stream(start=state.data_position),
+        stream=train.batches(**data_options, state=state.stream) if streamed else batches.stream(start=state.data_position),
         guard=Guard(lr=tcfg.lr, weight_norm=weight_norm(params, acc, sharded)),
     )
 
@@ -156,6 +160,8 @@ def train_step(run: TrainRun, step: int) -> None:
     run.guard.check(run, step, loss, None if skipped else grad_norm)
 
     state.step, state.data_position = step, state.data_position + tcfg.grad_accum
+    if isinstance(run.stream, StreamBatches):
+        state.stream = run.stream.state()
     state.tokens += tokens
     run.tokens_now += tokens
     state.since_eval += loss

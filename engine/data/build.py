@@ -1,0 +1,350 @@
+"""Prepare local data files into a cache entry: rows in batches across worker processes.
+
+Why this shape: reading, shaping, rendering and tokenizing a row depend on that row alone,
+so they run in ``data.num_proc`` worker processes over batches of ``BATCH`` rows, at most
+two batches per worker in flight (peak memory is bounded by batches, not by the data
+set). Workers return Arrow record batches that are appended to one temporary Arrow file.
+What needs every row (duplicates within a file, the seeded split, duplicates across splits,
+rows with no answer left) is decided afterwards from the stored digests and counts, in the
+same order and with the same reasons as the in-memory path (``engine.data.rules``).
+Each split is then written with ``datasets``' ``save_to_disk`` (memory-mapped Arrow).
+
+Workers are forked (they inherit the tokenizer; nothing is pickled but rows and results).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from engine.data.rules import (
+    DUPLICATE,
+    DUPLICATE_ACROSS,
+    NO_ANSWER,
+    SPLITS,
+    across_detail,
+    dedupe_key,
+    no_answer_detail,
+    ratios,
+    row_data,
+    shape_row,
+    split_order,
+    split_sizes,
+)
+from engine.data.shapes import SHAPES, Pair, RowError
+from engine.data.sources import Line, iter_rows, parse_line
+from engine.data.spec import DataSpec
+from engine.data.tokens import encode_many
+
+BATCH = 512
+"""Rows per worker task: large enough to amortise a task, small enough to bound memory."""
+INFLIGHT = 2
+"""Tasks per worker queued or running at once (the reader waits beyond that)."""
+ROWS_FILE = "rows.arrow"
+_INTS = pa.list_(pa.int32())
+SCHEMA = pa.schema(
+    [
+        ("src", pa.int8()),
+        ("row", pa.int64()),
+        ("key", pa.binary(16)),
+        ("order", pa.binary(32)),
+        ("messages", pa.string()),
+        ("pair", pa.string()),
+        ("input_ids", _INTS),
+        ("labels", _INTS),
+        ("r_messages", pa.string()),
+        ("r_input_ids", _INTS),
+        ("r_labels", _INTS),
+        ("n_tokens", pa.int32()),
+        ("r_n_tokens", pa.int32()),
+        ("n_labels", pa.int32()),
+        ("r_n_labels", pa.int32()),
+        ("cut", pa.int8()),
+    ]
+)
+WORK_COLUMNS = ("src", "row", "key", "order", "pair", "n_labels", "r_n_labels", "cut")
+"""Columns only the build reads; the stored splits keep the rest."""
+PAIR_COLUMNS = ("r_messages", "r_input_ids", "r_labels", "r_n_tokens")
+
+
+@dataclass(frozen=True)
+class Source:
+    index: int
+    split: str
+    path: str
+    key: str
+    """The config key that names this file (in errors)."""
+
+
+def sources(spec: DataSpec) -> list[Source]:
+    """The files a spec reads: train's ``path``, then the separate validation and test files."""
+    out = [Source(0, "train", spec.path, "data.path")]
+    for i, name in enumerate(("validation", "test"), start=1):
+        path = getattr(spec, f"{name}_path")
+        if path:
+            out.append(Source(i, name, path, f"data.{name}_path"))
+    return out
+
+
+@dataclass
+class Built:
+    """What a build leaves besides the split files: counts for the metrics, rejects in order."""
+
+    counts: dict
+    rejects: list[dict]
+    """{"src", "row", "reason", "detail", "data"} in the in-memory path's order."""
+    seconds: float
+    processes: int
+
+
+def build(spec: DataSpec, tokenizer, *, seed: int, source: str, out: Path, num_proc: int) -> Built:
+    """Read, shape, tokenize, dedupe and split ``spec``'s files into ``out`` (train/, validation/, test/)."""
+    t0 = time.perf_counter()
+    global _JOB
+    _JOB = (spec, tokenizer, source, seed)
+    rejects: list[dict] = []
+    rows_read = 0
+    rows_path = out / ROWS_FILE
+    used = [1]
+    with pa.OSFile(str(rows_path), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
+        for src in sources(spec):
+            counter = [0]
+            tasks = _tasks(src.index, iter_rows(src.path, src.key), spec.limit, counter)
+            seen: set[bytes] = set()
+            for task, (batch, failed) in _run(tasks, num_proc, used):
+                writer.write_batch(_first_of_each(task, batch, failed, seen, rejects))
+            rows_read += counter[0]
+    _JOB = None
+
+    from datasets import Dataset
+
+    rows = Dataset.from_file(str(rows_path))
+    splits, truncated = _split(spec, rows, rejects, seed)
+    table = rows.data
+    n_labels = _column(table, "n_labels")
+    r_labels = _column(table, "r_n_labels")
+    n_tokens, r_tokens = _column(table, "n_tokens"), _column(table, "r_n_tokens")
+    train = splits["train"]
+    pairs = bool(table.column("pair").null_count < len(table))
+    counts = {
+        "rows_read": rows_read,
+        "truncated": truncated,
+        "sizes": {k: len(v) for k, v in splits.items()},
+        "train_tokens": int(n_tokens[train].sum() + r_tokens[train].sum()),
+        "train_label_tokens": int(n_labels[train].sum() + r_labels[train].sum()),
+        "train_sequences": len(train) * (2 if pairs else 1),
+    }
+    drop = [*WORK_COLUMNS, *(() if pairs else PAIR_COLUMNS)]
+    with _quiet():
+        for name, indices in splits.items():
+            if len(indices):  # an empty split has no folder (datasets cannot map zero shards)
+                rows.select(indices).remove_columns(drop).save_to_disk(str(out / name))
+    del rows, table
+    rows_path.unlink()
+    return Built(counts, rejects, round(time.perf_counter() - t0, 2), used[0])
+
+
+@contextmanager
+def _quiet():
+    """No "Saving the dataset" progress bars: prepare_data prints its own line."""
+    from datasets.utils import logging as ds_logging
+
+    was = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            ds_logging.enable_progress_bar()
+
+
+# ---------------------------------------------------------------- reading, in batches
+
+
+def _tasks(src: int, rows: Iterable, limit: int | None, counter: list[int]) -> Iterator[tuple[int, list]]:
+    """(source, [(row number, row or unparsed line), ...]) batches; rows past ``limit`` are only counted."""
+    batch = []
+    for i, row in enumerate(rows):
+        counter[0] = i + 1
+        if limit is not None and i >= limit:
+            continue
+        batch.append((i, row))
+        if len(batch) == BATCH:
+            yield src, batch
+            batch = []
+    if batch:
+        yield src, batch
+
+
+def _run(tasks: Iterator, num_proc: int, used: list[int]) -> Iterator[tuple[tuple, tuple]]:
+    """(task, result) in task order; in this process when there is one process or one batch (``used``: how many)."""
+    first = list(islice(tasks, 2))
+    if num_proc <= 1 or len(first) < 2:
+        for task in [*first, *tasks]:
+            yield task, _work(task)
+        return
+    used[0] = max(used[0], num_proc)
+    # Forked workers inherit the tokenizer; its own thread pool must not be used across a fork.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+        pending: deque = deque()
+        for task in [*first, *tasks]:
+            pending.append((task, pool.apply_async(_work, (task,))))
+            if len(pending) >= INFLIGHT * num_proc:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
+
+
+def _first_of_each(task, batch: pa.RecordBatch, failed: list, seen: set[bytes], rejects: list[dict]) -> pa.RecordBatch:
+    """Drop rows repeating an earlier row of the same file; record every reject of the batch in row order."""
+    src, items = task
+    raw = dict(items)
+    keep = []
+    found = [(i, reason, detail, data) for i, reason, detail, data in failed]
+    for k, (i, key) in enumerate(zip(batch.column("row").to_pylist(), batch.column("key").to_pylist(), strict=True)):
+        if key in seen:
+            row = raw[i]
+            found.append((i, *DUPLICATE, row_data(parse_line(row) if isinstance(row, Line) else row)))
+            continue
+        seen.add(key)
+        keep.append(k)
+    for i, reason, detail, data in sorted(found, key=lambda r: r[0]):
+        rejects.append({"src": src, "row": i, "reason": reason, "detail": detail, "data": data})
+    return batch if len(keep) == batch.num_rows else batch.take(pa.array(keep, type=pa.int64()))
+
+
+# ---------------------------------------------------------------- one batch, in a worker
+
+_JOB = None
+"""(spec, tokenizer, template source, split seed): set before the workers fork."""
+
+
+def _work(task) -> tuple[pa.RecordBatch, list]:
+    """Shape, render and tokenize one batch: the kept rows as Arrow, the rest as (row, reason, detail, data)."""
+    spec, tokenizer, source, seed = _JOB
+    src, items = task
+    shape = SHAPES.get(spec.kind).builder
+    ok, failed = [], []
+    for i, item in items:
+        row = parse_line(item) if isinstance(item, Line) else item
+        try:
+            ok.append((i, shape_row(spec, shape, row)))
+        except RowError as e:
+            failed.append((i, e.reason, e.detail, row_data(row)))
+    pairs = [m for _, m in ok if isinstance(m, Pair)]
+    convs = [m for _, m in ok if not isinstance(m, Pair)]
+    encoded = iter(encode_many(source, convs, tokenizer, spec.max_length, spec.train_on_prompt))
+    both = encode_many(
+        source, [p.chosen_messages for p in pairs] + [p.rejected_messages for p in pairs], tokenizer, spec.max_length, False, True
+    )
+    chosen, rejected = iter(both[: len(pairs)]), iter(both[len(pairs) :])
+    cols: dict[str, list] = {name: [] for name in SCHEMA.names}
+    for i, msgs in ok:
+        key = dedupe_key(msgs)
+        pair = isinstance(msgs, Pair)
+        ids, labels, cut = next(chosen) if pair else next(encoded)
+        r_ids, r_labels, r_cut = next(rejected) if pair else (None, None, 0)
+        values = {
+            "src": src,
+            "row": i,
+            "key": hashlib.sha256(key.encode()).digest()[:16],
+            "order": bytes.fromhex(split_order(seed, key)),
+            "messages": _json(msgs.chosen_messages if pair else msgs),
+            "pair": _json(msgs.as_dict()) if pair else None,
+            "input_ids": ids,
+            "labels": labels,
+            "r_messages": _json(msgs.rejected_messages) if pair else None,
+            "r_input_ids": r_ids,
+            "r_labels": r_labels,
+            "n_tokens": len(ids),
+            "r_n_tokens": len(r_ids) if pair else 0,
+            "n_labels": _labelled(labels),
+            "r_n_labels": _labelled(r_labels) if pair else 0,
+            "cut": int(cut or r_cut),
+        }
+        for name, v in values.items():
+            cols[name].append(v)
+    return pa.RecordBatch.from_pydict(cols, schema=SCHEMA), failed
+
+
+def _json(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _labelled(labels: list[int]) -> int:
+    return len(labels) - labels.count(-100)
+
+
+# ---------------------------------------------------------------- the split, from the stored digests
+
+
+def _split(spec: DataSpec, rows, rejects: list[dict], seed: int) -> tuple[dict[str, np.ndarray], int]:
+    """Row indices of each split, in order; duplicates across splits and rows without an answer rejected."""
+    table = rows.data
+    src = _column(table, "src")
+    separate = {s.split for s in sources(spec)[1:]}
+    train_rows = np.flatnonzero(src == 0)
+    order = table.column("order").to_pylist()
+    ordered = np.array(sorted(train_rows.tolist(), key=order.__getitem__), dtype=np.int64)
+    del order
+    n = len(ordered)
+    n_val, n_test = split_sizes(n, ratios(spec, separate))
+    splits = {
+        "train": ordered[: n - n_test - n_val],
+        "validation": ordered[n - n_test - n_val : n - n_test],
+        "test": ordered[n - n_test :],
+    }
+    for s in sources(spec)[1:]:
+        splits[s.split] = np.flatnonzero(src == s.index)
+
+    # Every example in one split only: test wins over validation, validation over train.
+    keys = table.column("key").to_pylist()
+    seen: set[bytes] = set()
+    for name in ("test", "validation", "train"):
+        kept = []
+        for r in splits[name].tolist():
+            if keys[r] in seen:
+                rejects.append(_dropped(rows, r, DUPLICATE_ACROSS, across_detail(name)))
+                continue
+            seen.add(keys[r])
+            kept.append(r)
+        splits[name] = np.array(kept, dtype=np.int64)
+    del keys, seen
+
+    # Rows whose answer was cut off entirely by max_length.
+    cut = _column(table, "cut")
+    single = table.column("pair").is_null().to_numpy(False)
+    answered = (_column(table, "n_labels") > 0) & ((_column(table, "r_n_labels") > 0) | single)
+    truncated = 0
+    for name in SPLITS:
+        idx = splits[name]
+        truncated += int(cut[idx].sum())
+        for r in idx[~answered[idx]].tolist():
+            rejects.append(_dropped(rows, r, NO_ANSWER, no_answer_detail(spec.max_length)))
+        splits[name] = idx[answered[idx]]
+    return splits, truncated
+
+
+def _dropped(rows, r: int, reason: str, detail: str) -> dict:
+    row = rows[r]
+    data = json.loads(row["pair"]) if row["pair"] is not None else json.loads(row["messages"])
+    return {"src": row["src"], "row": row["row"], "reason": reason, "detail": detail, "data": data}
+
+
+def _column(table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy()

@@ -1,0 +1,337 @@
+"""``data.streaming: true``: the train file as an endless stream, for data larger than memory.
+
+Rows are read one at a time (``sources.iter_rows``, with each row's position), drawn at
+random from a shuffle buffer of ``data.shuffle_buffer`` rows, then shaped, rendered and
+tokenized one by one, and (``data.packing``) packed greedily into rows of ``max_length``
+tokens. Memory holds the buffer and one micro-batch: it does not grow with the file.
+
+Exact resume: ``state()`` is the stream's whole position (epoch, the next row of the file,
+the buffer as row positions, the RNG state, the example carried into the next micro-batch,
+rejects so far). The training loop stores it in each checkpoint; ``batches(state=...)``
+re-reads only the buffered rows and continues with exactly the micro-batches an
+uninterrupted run would have drawn. Every rank reads the same stream and keeps every
+``world``-th micro-batch.
+
+What differs from map-style data (docs/data.md): ``data.split`` does not divide a stream;
+held-out rows come from ``data.validation_path`` / ``data.test_path``, and stream rows
+equal to one of them are skipped. Duplicates within the stream are not removed (that
+needs every row's key in memory); rows that cannot be used are counted by reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from engine.data.example import DataBundle, Example
+from engine.data.rules import (
+    DUPLICATE_ACROSS,
+    NO_ANSWER,
+    Rejects,
+    batching_of,
+    dedupe_across,
+    dedupe_key,
+    example_data,
+    no_answer_detail,
+    shape_row,
+    shape_rows,
+    write_rejected,
+)
+from engine.data.shapes import SHAPES, Pair, RowError
+from engine.data.sources import Line, iter_rows, parse_line, read_rows
+from engine.data.spec import DataSpec
+from engine.data.templates import template_source, templated
+from engine.data.tokens import tokenize, tokenize_pair
+
+
+class TrainStream:
+    """The train split of a streamed data set: not a sequence (its length is unknown), a source of micro-batches."""
+
+    def __init__(self, spec: DataSpec, tokenizer, *, source: str, held_out: set[bytes]):
+        self.spec, self.tokenizer, self.source = spec, tokenizer, source
+        self.held_out = held_out
+        """Digests of the validation/test examples: a stream row equal to one is skipped."""
+        self.path = spec.path
+
+    def __getitem__(self, i):
+        """``stream[:n]``: the first n examples in file order (what preview_data prints)."""
+        if not isinstance(i, slice) or i.start or i.step:
+            raise TypeError("a streamed split is read from its start: stream[:n]")
+        out = []
+        for _, _, _, row in _positioned(self.path, 0, 0):
+            if len(out) >= (i.stop or 0):
+                break
+            ex = self._example(row, {})
+            if ex is not None:
+                out.append(ex)
+        return out
+
+    def batches(
+        self,
+        *,
+        micro_batch_size: int,
+        pad_id: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        packing: bool = False,
+        max_length: int | None = None,
+        mask_dtype=None,
+        segments: bool = False,
+        group_by_length: bool = False,
+        state: dict | None = None,
+    ) -> StreamBatches:
+        """Micro-batches forever, from ``state`` (an earlier ``StreamBatches.state()``) on.
+
+        Takes ``collate.Batches``' options; ``group_by_length`` has no meaning for a stream (the
+        shuffle buffer decides the order) and is ignored.
+        """
+        from engine.data import collate as c  # torch: loaded when training starts
+
+        def collate(examples: list) -> dict:
+            if packing:
+                return c.packed_collate(examples, pad_id, mask_dtype or c.torch.float32, segments)
+            if examples[0].rejected is not None:
+                return c.pair_collate(examples, pad_id)
+            return c.pad_collate(examples, pad_id)
+
+        out = StreamBatches(self, micro_batch_size=micro_batch_size, collate=collate, packing=packing, rank=rank, world=world)
+        out.max_length = max_length or self.spec.max_length
+        return out.start(seed, state)
+
+    def _example(self, row, rejected: dict[str, int]) -> Example | None:
+        """Shape, render and tokenize one row; None (counted in ``rejected``) when it cannot be used."""
+        spec = self.spec
+        try:
+            msgs = shape_row(spec, SHAPES.get(spec.kind).builder, row)
+        except RowError as e:
+            rejected[e.reason] = rejected.get(e.reason, 0) + 1
+            return None
+        if self.held_out and hashlib.sha256(dedupe_key(msgs).encode()).digest()[:16] in self.held_out:
+            rejected[DUPLICATE_ACROSS] = rejected.get(DUPLICATE_ACROSS, 0) + 1
+            return None
+        if isinstance(msgs, Pair):
+            ex, _ = tokenize_pair(self.source, msgs, self.tokenizer, spec.max_length)
+        else:
+            ex, _ = tokenize(self.source, msgs, self.tokenizer, spec.max_length, spec.train_on_prompt)
+        if not any(t != -100 for t in ex.labels) or (ex.rejected and not any(t != -100 for t in ex.rejected.labels)):
+            rejected[NO_ANSWER] = rejected.get(NO_ANSWER, 0) + 1
+            return None
+        return ex
+
+
+class StreamBatches:
+    """The iterator the training loop takes micro-batches from; ``state()`` says exactly where it is."""
+
+    def __init__(self, stream: TrainStream, *, micro_batch_size, collate, packing, rank, world):
+        self.s = stream
+        self.mbs, self.collate, self.packing = micro_batch_size, collate, packing
+        self.max_length = stream.spec.max_length
+        self.rank, self.world = rank, world
+        self.buffer_size = stream.spec.shuffle_buffer
+
+    # -- position
+
+    def start(self, seed: int, state: dict | None) -> StreamBatches:
+        self.rng = random.Random(seed)
+        self.epoch, self.batch_index, self.carry, self.rejected = 0, 0, None, {}
+        self.buffer: list[tuple[int, int, object]] = []  # (row number, position, row)
+        next_row, next_pos = 0, 0
+        if state is not None:
+            self.epoch, self.batch_index, self.rejected = state["epoch"], state["batch"], dict(state["rejected"])
+            version, internal, gauss = state["rng"]
+            self.rng.setstate((version, tuple(internal), gauss))
+            next_row, next_pos = state["next"]
+            wanted = [tuple(x) for x in state["buffer"]] + ([tuple(state["carry"])] if state["carry"] else [])
+            rows = _fetch(self.s.path, wanted)
+            self.buffer = [(i, p, rows[(i, p)]) for i, p in map(tuple, state["buffer"])]
+            if state["carry"]:
+                i, p = state["carry"]
+                self.carry = (i, p, self.s._example(rows[(i, p)], {}))
+        self.reader = _positioned(self.s.path, next_row, next_pos)
+        self.next = (next_row, next_pos)
+        return self
+
+    def state(self) -> dict:
+        """JSON-able: what ``start`` needs to continue exactly here."""
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch_index,
+            "next": list(self.next),
+            "buffer": [[i, p] for i, p, _ in self.buffer],
+            "carry": [self.carry[0], self.carry[1]] if self.carry else None,
+            "rng": [version, list(internal), gauss],
+            "rejected": dict(self.rejected),
+        }
+
+    # -- drawing
+
+    def _read(self):
+        """The next (row number, position, row) of the file, or None at its end."""
+        try:
+            i, p, after, row = next(self.reader)
+        except StopIteration:
+            return None
+        self.next = (i + 1, after)
+        return i, p, row
+
+    def _draw(self):
+        """One row drawn at random from the buffer (refilled from the file); a new epoch at the end."""
+        while len(self.buffer) < self.buffer_size:
+            got = self._read()
+            if got is None:
+                break
+            self.buffer.append(got)
+        if not self.buffer:
+            self.epoch += 1
+            self.reader = _positioned(self.s.path, 0, 0)
+            self.next = (0, 0)
+            if not any(True for _ in _positioned(self.s.path, 0, 0)):
+                raise RuntimeError(f"data.path: {self.s.path} has no rows")
+            return self._draw()
+        j = self.rng.randrange(len(self.buffer))
+        self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
+        return self.buffer.pop()
+
+    def _examples(self) -> Iterator[tuple[int, int, Example]]:
+        misses = 0
+        while True:
+            i, p, row = self._draw()
+            ex = self.s._example(row, self.rejected)
+            if ex is None:
+                misses += 1
+                if misses > 10 * self.buffer_size + 10_000:
+                    raise RuntimeError(f"data.path: no usable row in {misses} rows read from the stream ({self.rejected})")
+                continue
+            misses = 0
+            yield i, p, ex
+
+    def _micro_batch(self) -> list:
+        """The next micro-batch's examples: ``mbs`` examples, or with packing ``mbs`` rows of packed examples."""
+        if not self.packing:
+            out = []
+            while len(out) < self.mbs:
+                out.append(next(self._gen)[2])
+            return out
+        rows, row, used = [], [], 0
+        while True:
+            if self.carry is not None:
+                item, self.carry = self.carry, None
+            else:
+                item = next(self._gen)
+            n = len(item[2].input_ids)
+            if row and used + n > self.max_length:
+                rows.append(row)
+                row, used = [], 0
+                if len(rows) == self.mbs:
+                    self.carry = item
+                    return rows
+            row.append(item[2])
+            used += n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        self._gen = getattr(self, "_gen", None) or self._examples()
+        while True:
+            examples = self._micro_batch()
+            mine = self.batch_index % self.world == self.rank
+            self.batch_index += 1
+            if mine:
+                return self.collate(examples)
+
+
+# ---------------------------------------------------------------- positions in a file
+
+
+def _positioned(path: str, row: int, pos: int) -> Iterator[tuple[int, int, int, object]]:
+    """(row number, position, next position, row) from row ``row`` (at ``pos``) on.
+
+    JSONL: a position is a byte offset, so a resumed stream seeks; other files: the row number
+    (a resumed stream reads up to it again, without shaping or tokenizing).
+    """
+    p = Path(path).expanduser()
+    if p.suffix.lower() == ".jsonl":
+        with open(p, "rb") as f:
+            f.seek(pos)
+            i, at = row, pos
+            for raw in f:
+                start, at = at, at + len(raw)
+                if start == 0:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")
+                if raw.strip():
+                    yield i, start, at, parse_line(Line(raw, 0))
+                    i += 1
+        return
+    for i, r in enumerate(iter_rows(path)):
+        if i >= row:
+            yield i, i, i + 1, parse_line(r) if isinstance(r, Line) else r
+
+
+def _fetch(path: str, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], object]:
+    """The rows at these (row, position)s: JSONL by seeking to each offset; other files by one pass."""
+    out = {}
+    p = Path(path).expanduser()
+    if p.suffix.lower() == ".jsonl":
+        with open(p, "rb") as f:
+            for i, pos in wanted:
+                f.seek(pos)
+                raw = f.readline()
+                out[(i, pos)] = parse_line(Line(raw.removeprefix(b"\xef\xbb\xbf") if pos == 0 else raw, 0))
+        return out
+    need = set(wanted)
+    for i, pos, _, row in _positioned(path, 0, 0):
+        if (i, pos) in need:
+            out[(i, pos)] = row
+            if len(out) == len(need):
+                break
+    return out
+
+
+def prepare_streaming(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | None = None):
+    """The held-out files prepared in memory (as map-style data); the train file as a ``TrainStream``."""
+    source = template_source(spec.template, tokenizer) if templated(spec.kind) else ""
+    rejects = Rejects()
+    splits: dict[str, list] = {"validation": [], "test": []}
+    read = 0
+    for name in splits:
+        path = getattr(spec, f"{name}_path")
+        if path:
+            rows = read_rows(path, f"data.{name}_path")
+            read += len(rows)
+            splits[name] = shape_rows(spec, path, rows, rejects)
+    dedupe_across(splits, rejects)
+    out: dict[str, list] = {}
+    held_out: set[bytes] = set()
+    for name, items in splits.items():
+        out[name] = []
+        for path, i, msgs in items:
+            if isinstance(msgs, Pair):
+                ex, _ = tokenize_pair(source, msgs, tokenizer, spec.max_length)
+            else:
+                ex, _ = tokenize(source, msgs, tokenizer, spec.max_length, spec.train_on_prompt)
+            held_out.add(hashlib.sha256(dedupe_key(msgs).encode()).digest()[:16])
+            if any(t != -100 for t in ex.labels) and (ex.rejected is None or any(t != -100 for t in ex.rejected.labels)):
+                out[name].append(ex)
+            else:
+                rejects.add(path, i, NO_ANSWER, no_answer_detail(spec.max_length), example_data(msgs))
+    if run_dir is not None and rejects.rows:
+        write_rejected(rejects.rows, run_dir)
+    out["train"] = TrainStream(spec, tokenizer, source=source, held_out=held_out)
+    metrics = {
+        "kind": spec.kind,
+        "kind_detected": spec.detected,
+        "template": spec.template if source else None,
+        "streaming": True,
+        "rows_read": read,
+        "rows_rejected": len(rejects.rows),
+        "rejected_by_reason": rejects.counts(),
+        "train_examples": None,
+        "validation_examples": len(out["validation"]),
+        "test_examples": len(out["test"]),
+    }
+    return DataBundle(out, source or (tokenizer.chat_template or ""), metrics, batching_of(spec))
