@@ -64,6 +64,7 @@ def cross_checks(specs: dict[str, Any], top: Any, problems: list[str]) -> None:
     _check_retrieval(specs, stages, problems)
     _check_preference(specs, stages, problems)
     _check_grpo(specs, stages, problems)
+    _check_streaming(specs, stages, problems)
 
     if adapter is not None and top is not None:
         layered = adapter.kind == "layered"
@@ -197,11 +198,13 @@ def _check_sweep(specs: dict[str, Any], stages: list[str], problems: list[str]) 
 
 
 EXPORT_STAGES = ("merge", "export_gguf", "export_onnx", "check_export")
+GGUF_ALTERNATIVES = "drop export_gguf from stages (merge still writes run_dir/merged, a plain HF dir; export_onnx writes ONNX)"
 
 
 def _check_export(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
-    """Export stages need trained weights, come in order, and the architecture must be one the GGUF writer knows."""
-    from engine.export import SUPPORTED, architecture_of, supported_message
+    """Export stages need trained weights, come in order, and the model must be one the GGUF writer can
+    write (architecture, tokenizer kind, rope type): refused here, not after training."""
+    from engine.export import export_refusal
     from engine.stages import STAGES
 
     known = [s for s in stages if s in STAGES]
@@ -221,9 +224,8 @@ def _check_export(specs: dict[str, Any], stages: list[str], problems: list[str])
     if before_check is not None and "export_gguf" not in before_check and "export_onnx" not in before_check:
         problems.append("stages: check_export checks the exported files; put export_gguf before it (or export_onnx)")
     if "export_gguf" in known and model is not None and not (ev is not None and ev.run_dir):
-        arch = architecture_of(model)
-        if arch is not None and arch not in SUPPORTED:
-            problems.append(f"model: {supported_message(arch)}; drop export_gguf from stages")
+        if why := export_refusal(model):  # with eval.run_dir: that run's model, in evaluated_run
+            problems.append(f"model: {why}; {GGUF_ALTERNATIVES}")
     dora = adapter is not None and (adapter.kind == "dora" or getattr(adapter, "method", None) == "dora")
     if "export_gguf" in known and dora and export is not None and getattr(export, "lora", False):
         problems.append(
@@ -456,6 +458,11 @@ def evaluated_run(cfg, validate):
             f"eval.run_dir: {cfg.eval.run_dir} has no trained weights (adapter/, adapter/level_K of a layered run, "
             "or model/); did its train stage finish?"
         )
+    if "export_gguf" in cfg.stages:
+        from engine.export import export_refusal
+
+        if why := export_refusal(model):
+            raise ConfigError(f"eval.run_dir: that run's model {why}; {GGUF_ALTERNATIVES}")
     problems: list[str] = []  # its retrieval (or none) with this run's stages: build_index listed exactly when it retrieved
     _check_retrieval({"retrieval": old.retrieval, "data": old.data}, list(cfg.stages), problems)
     if problems:
@@ -474,3 +481,19 @@ def evaluated_run(cfg, validate):
         raw=cfg.raw,
         evaluated_run=found,
     )
+
+
+def _check_streaming(specs: dict[str, Any], stages: list[str], problems: list[str]) -> None:
+    """A streamed train split has no length: training needs a step count, and the stages that read every
+    training example (retrieval passages into prompts, GRPO prompts, layered training) need map-style data."""
+    data, train = specs.get("data"), specs.get("train")
+    if data is None or not getattr(data, "streaming", False):
+        return
+    if train is not None and not train.max_steps:
+        problems.append(
+            "train.max_steps: data.streaming=true reads the train file as a stream of unknown length, so "
+            "train.epochs cannot be counted; set train.max_steps (e.g. train.max_steps=1000)"
+        )
+    whole = [s for s in stages if s in ("build_index", "train_grpo", "train_layered")]
+    if whole:
+        problems.append(f"data.streaming: stage {whole[0]} reads the whole train split; use data.streaming=false")

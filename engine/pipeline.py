@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine.config import record
 from engine.context import RunConfig, RunContext
+from engine.errors import UserError
 from engine.lock import holding
 from engine.stages import STAGES
 
@@ -39,16 +40,34 @@ def execute(run_dir: Path) -> RunContext:
 def _run_stages(cfg: RunConfig, run_dir: Path, accelerator) -> RunContext:
     ctx = RunContext(cfg=cfg, run_dir=run_dir, accelerator=accelerator)
     _seed(cfg.seed)
-    for name in cfg.stages:
+    for i, name in enumerate(cfg.stages):
         t0 = time.perf_counter()
         if ctx.is_main:
             print(f"[engine] stage {name}", flush=True)
-        metrics = STAGES.get(name).builder(ctx) or {}
+        try:
+            metrics = STAGES.get(name).builder(ctx) or {}
+        except UserError:
+            if "reports_failure" in STAGES.get(name).traits:
+                _report_failure(ctx, cfg.stages[i + 1 :])
+            raise
         metrics.setdefault("seconds", round(time.perf_counter() - t0, 2))
         ctx.record(name, metrics)
     if ctx.is_main:
         print(summary(ctx), flush=True)
     return ctx
+
+
+def _report_failure(ctx: RunContext, later: list[str]) -> None:
+    """A stage whose failure is a verdict (check_export: the numbers are the finding) still gets the
+    report the recipe lists after it, with what failed and by how much, before the run stops.
+    A report that cannot be written here is said in one line; the stage's own error is what exits."""
+    if "report" not in later or not ctx.is_main:
+        return
+    print("[engine] stage report (after the failure above)", flush=True)
+    try:
+        ctx.record("report", STAGES.get("report").builder(ctx) or {})
+    except Exception as e:  # the failure being reported matters more than this one
+        print(f"[engine] the report could not be written: {type(e).__name__}: {e}", flush=True)
 
 
 def _seed(seed: int) -> None:

@@ -97,9 +97,24 @@ ALLOWED = "templates may read messages, add_generation_prompt, bos_token and eos
 
 @lru_cache(maxsize=16)
 def _compile(source: str):
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    """The one jinja environment every chat render goes through (training, merge, both serving backends).
+
+    Sandboxed and immutable, with what hub chat templates use beyond plain jinja (as transformers'
+    own renderer has them): ``loopcontrols`` (break/continue) and a ``tojson`` filter.
+    """
+    import json
+
+    import jinja2.ext
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.globals["raise_exception"] = _raise
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     return env.from_string(source)
+
+
+def compiled(source: str):
+    """A template source compiled in the one environment (cached): ``TemplateSyntaxError`` if it cannot be."""
+    return _compile(source)
 
 
 def _raise(msg: str):
@@ -164,17 +179,60 @@ def template_source(name: str, tokenizer) -> str:
     raise ConfigError(f"data.template: unknown template '{name}'; valid: model, {', '.join(sorted(TEMPLATES))}, or a .jinja file")
 
 
-def render(source: str, messages: list[Message], *, add_generation_prompt: bool, tokenizer=None) -> str:
-    """The conversation as text; a sandbox violation is a ``ConfigError`` naming what was reached for."""
+def render(
+    source: str,
+    messages: list[Message],
+    *,
+    add_generation_prompt: bool,
+    tokenizer=None,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+) -> str:
+    """The conversation as text; a sandbox violation is a ``ConfigError`` naming what was reached for.
+
+    The one chat renderer: training, merge, and both serving backends call it with the run's recorded
+    template (``recorded_template``), so a served prompt is the text the run trained on. ``bos_token`` /
+    ``eos_token`` override the tokenizer's (llama.cpp names its own from the GGUF).
+    """
     special = {}
     if tokenizer is not None:
         special = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+    special |= {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None}
     try:
         return _compile(source).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
     except (SecurityError, OverflowError) as e:
-        raise ConfigError(
-            f"data.template: {_sandboxed('the chat template', e)}; use a built-in: {', '.join(TEMPLATES)}"
-        ) from None
+        raise TemplateStopped(_sandboxed("the chat template", e)) from None
+
+
+class TemplateStopped(ConfigError):
+    """The sandbox stopped a chat template: a config problem at training time (data.template, exit 2);
+    a server says ``reason`` in its own words (the template came with the model or the run)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"data.template: {reason}; use a built-in: {', '.join(TEMPLATES)}")
+
+
+TEMPLATE_FILE = "chat_template.jinja"
+"""The template a run trained with, saved beside its trained weights (adapter/ or model/): what merge
+embeds in the export and what serving renders with, whatever the tokenizer or the preset says later."""
+
+
+def save_template(weights_dir: Path, source: str) -> None:
+    """Record the training template with the trained weights (nothing for plain-text data: no template)."""
+    if source:
+        (Path(weights_dir) / TEMPLATE_FILE).write_text(source)
+
+
+def recorded_template(run_dir: Path | None) -> str | None:
+    """The template a finished run trained with (adapter/ or model/ of ``run_dir``); None if it recorded none."""
+    if run_dir is None:
+        return None
+    for where in ("adapter", "model"):
+        path = Path(run_dir) / where / TEMPLATE_FILE
+        if path.is_file():
+            return path.read_text()
+    return None
 
 
 def render_with_spans(source: str, messages: list[Message], tokenizer=None) -> tuple[str, list[tuple[int, int]]]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import UserError
-from engine.export import SUPPORTED, supported_message
+from engine.export import ROPE_TYPES, SUPPORTED, TOKENIZER_KINDS, pre_tokenizer_name, supported_message, tokenizer_kind
 from engine.export.merge import Trained, adapter_config
 from engine.native import check_llama_cpp
 
@@ -91,6 +91,9 @@ def write_gguf(
         _add_tensor(writer, gguf, target, data, fmt)
         written.add(target)
         embedding = data if target == "token_embd.weight" else embedding
+    factors = llama3_rope_factors(config)
+    if factors is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
     if arch_name == "phi2" and "output.weight" not in written and embedding is not None:
         # llama.cpp's phi2 requires an output matrix; a tied model saved none (its lm_head is the embedding).
         _add_tensor(writer, gguf, "output.weight", embedding, fmt)
@@ -148,7 +151,7 @@ def _write_hparams(writer, config: dict, arch_name: str) -> None:
 
 def _write_rope_scaling(writer, rope: dict) -> None:
     kind = rope.get("rope_type") or rope.get("type") or "default"
-    if kind == "default":
+    if kind in ("default", "llama3"):  # llama3: no metadata, a rope_freqs tensor (``llama3_rope_factors``)
         return
     if kind == "linear":
         import gguf
@@ -156,25 +159,68 @@ def _write_rope_scaling(writer, rope: dict) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
         return
-    raise UserError(f"export: rope scaling '{kind}' is not written by our GGUF exporter yet (default and linear are)")
+    raise UserError(f"export: rope scaling '{kind}' is not written by our GGUF exporter yet (supported: {', '.join(ROPE_TYPES)})")
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray | None:
+    """Llama 3.1's rope scaling as llama.cpp holds it: one divisor per rotary frequency, the tensor
+    ``rope_freqs.weight`` (llama.cpp reads no rope-scaling metadata for it). None for other rope types.
+
+    The divisor follows Meta's rule, which transformers applies to its inverse frequencies: wavelengths
+    shorter than ``original_max_position_embeddings / high_freq_factor`` keep their frequency, longer
+    than ``... / low_freq_factor`` are divided by ``factor``, those between are blended smoothly.
+    """
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if (rope.get("rope_type") or rope.get("type")) != "llama3":
+        return None
+    heads = config["num_attention_heads"]
+    dim = config.get("head_dim") or config["hidden_size"] // heads
+    base = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    factor, low, high = float(rope["factor"]), float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    original = float(rope.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    divisors = np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, blended))
+    return divisors.astype(np.float32)
 
 
 # --- vocabulary --------------------------------------------------------------------------
 
 
 def _write_vocab(writer, model_dir: Path, config: dict, *, chat_template: str, pre: str | None) -> None:
-    """Byte-level BPE vocab (gpt2 model), special ids, whether BOS is added, the chat template."""
+    """The vocabulary (byte-level BPE or SentencePiece), special ids, whether BOS/EOS are added, the chat template."""
     import gguf
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = json.loads((model_dir / "tokenizer.json").read_text()) if (model_dir / "tokenizer.json").is_file() else {}
-    if spec.get("model", {}).get("type") != "BPE" or spec.get("model", {}).get("byte_fallback"):
+    kind = tokenizer_kind(spec)
+    if kind not in TOKENIZER_KINDS:
         raise UserError(
-            f"export: the tokenizer of {model_dir} is not a byte-level BPE; our GGUF writer supports byte-level BPE "
-            "vocabularies (SmolLM2, Llama 3, Qwen2, GPT-2 style) so far, not SentencePiece ones (TinyLlama, Mistral v0.1)"
+            f"export: the tokenizer of {model_dir} is a {kind} vocabulary; our GGUF writer supports "
+            f"{' and '.join(TOKENIZER_KINDS)} vocabularies (SmolLM2, Llama, Qwen2, Phi-2, TinyLlama, Mistral)"
         )
-    vocab_size = config["vocab_size"]
+    if kind == "SentencePiece":
+        _write_sentencepiece_tokens(writer, gguf, tokenizer, spec, config["vocab_size"])
+    else:
+        _write_bpe_tokens(writer, gguf, tokenizer, spec, config["vocab_size"], pre)
+    special = gguf.SpecialVocab(model_dir, load_merges=kind != "SentencePiece", n_vocab=config["vocab_size"])
+    special.chat_template = None  # ours, below: the training template, not whatever the tokenizer carried
+    special.add_special_token = {}
+    special.add_to_gguf(writer, quiet=True)
+    probe = tokenizer("a").input_ids
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
+    writer.add_add_eos_token(tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id])
+    if "pad" not in special.special_token_ids and tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_chat_template(chat_template)
+
+
+def _write_bpe_tokens(writer, gguf, tokenizer, spec: dict, vocab_size: int, pre: str | None) -> None:
+    """Byte-level BPE: ``gpt2`` model, tokens, types (control for special added tokens); merges come
+    with ``SpecialVocab``; the pre-tokenizer name llama.cpp implements."""
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
@@ -193,40 +239,87 @@ def _write_vocab(writer, model_dir: Path, config: dict, *, chat_template: str, p
     writer.add_tokenizer_pre(pre or pre_tokenizer_name(spec.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
-    special.chat_template = None  # ours, below: the training template, not whatever the tokenizer carried
-    special.add_special_token = {}
-    special.add_to_gguf(writer, quiet=True)
-    bos_added = tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
-    writer.add_add_bos_token(bos_added)
-    writer.add_add_eos_token(False)
-    if "pad" not in special.special_token_ids and tokenizer.pad_token_id is not None:
-        writer.add_pad_token_id(tokenizer.pad_token_id)
-    writer.add_chat_template(chat_template)
 
 
-# Pre-tokenizer regexes of tokenizer.json -> the name llama.cpp implements for them.
-_LLAMA3_REGEX = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
-_QWEN2_REGEX = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}|"
+def _write_sentencepiece_tokens(writer, gguf, tokenizer, spec: dict, vocab_size: int) -> None:
+    """SentencePiece as llama.cpp's ``llama`` tokenizer model: pieces, scores, token types.
+
+    llama.cpp's SentencePiece tokenizer merges, at each step, the adjacent pair whose joined text
+    has the highest *score*; the HF tokenizer applies the *merge* of lowest rank. A piece's score is
+    therefore minus the rank of the first merge that makes it (SentencePiece's own scores are in the
+    same order: its BPE pieces are numbered as they were learned). Pieces no merge makes (single
+    characters) and the ``<0xNN>`` byte-fallback pieces are starting symbols, whose scores never decide.
+    Types: ``<unk>`` unknown, special added tokens control, other added tokens user-defined, ``<0xNN>``
+    byte. ``add_space_prefix`` follows the Metaspace ``prepend_scheme``.
+    """
+    import re
+
+    model = spec["model"]
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
+    made: dict[str, int] = {}
+    for rank, (left, right) in enumerate(merges):
+        made.setdefault(left + right, rank)
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    unk = model.get("unk_token") or tokenizer.unk_token
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(token)
+        if token == unk:
+            scores.append(0.0)
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in added:
+            scores.append(0.0)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            scores.append(0.0)
+            types.append(gguf.TokenType.BYTE)
+        else:
+            scores.append(-float(made.get(token, len(merges) + i)))
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(_metaspace_prepends(spec))
 
 
-def pre_tokenizer_name(pre: dict | None) -> str:
-    """llama.cpp's name for a tokenizer.json pre-tokenizer; UserError for one it has no name for here."""
-    parts = (pre or {}).get("pretokenizers", [pre] if pre else [])
-    kinds = [p.get("type") for p in parts]
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm"
-    regex = (parts[0].get("pattern") or {}).get("Regex", "") if kinds[:1] == ["Split"] else ""
-    if regex.startswith(_LLAMA3_REGEX):
-        return "llama-bpe"
-    if regex.startswith(_QWEN2_REGEX):
-        return "qwen2"
-    raise UserError(
-        f"export: tokenizer pre-tokenizer {kinds or 'none'} is not one our GGUF writer can name for llama.cpp "
-        "(known: GPT-2 byte-level, SmolLM, Llama 3, Qwen2)"
-    )
+def _metaspace_prepends(spec: dict) -> bool:
+    """``add_space_prefix`` for llama.cpp: put ``▁`` before each text run (at the start and after every
+    special token), as transformers does with a Metaspace ``prepend_scheme: always`` (``legacy: true``
+    tokenizers) or an older ``Prepend`` normalizer.
+
+    With ``prepend_scheme: first`` (``legacy: false``: TinyLlama) transformers adds ``▁`` only at the
+    very start of the text, never after a special token; llama.cpp cannot do exactly that, and False
+    is the closer of its two choices: text after special tokens, i.e. every chat turn, then gets the
+    same ids, and only a text that starts without a special token or a space differs (its first
+    ``▁``). What differs either way (see docs/export.md): a text run that starts with a space, which
+    llama.cpp prefixes with a second ``▁`` and transformers does not. Engine itself never lets
+    llama.cpp tokenize: check_export and the llama.cpp backend feed the HF tokenizer's ids.
+    """
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace":
+                found.append(node.get("prepend_scheme", "always" if node.get("add_prefix_space", True) else "never") == "always")
+            elif node.get("type") == "Prepend":
+                found.append(True)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk({"pre_tokenizer": spec.get("pre_tokenizer"), "normalizer": spec.get("normalizer")})
+    return any(found)
 
 
 # --- tensors -----------------------------------------------------------------------------

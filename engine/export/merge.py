@@ -56,9 +56,14 @@ def trained_weights(run_dir: Path, evaluated: Path | None, adapter_spec: Any) ->
 
 
 def merge_trained(trained: Trained, out_dir: Path, *, model_spec: Any, quant_spec: Any, data_spec: Any) -> Path:
-    """The trained weights folded into the (de-quantized) base, saved with the training template at ``out_dir``."""
+    """The trained weights folded into the (de-quantized) base, saved with the training template at ``out_dir``:
+    the one the run recorded with its weights (``engine.data.templates.recorded_template``)."""
+    from engine.data.templates import recorded_template
+
     model, tokenizer = load_trained(model_spec, quant_spec, trained, progress=True)
-    return merge_to_dir(model, tokenizer, out_dir, chat_template=training_template(data_spec, tokenizer))
+    source = trained.adapter_dir or trained.model_dir
+    template = recorded_template(source.parent) or training_template(data_spec, tokenizer)  # runs before the record
+    return merge_to_dir(model, tokenizer, out_dir, chat_template=template)
 
 
 def merged_record(out_dir: Path, trained: Trained, *, run_dir: Path, evaluated: Path | None) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.export import gguf_header_string
-from engine.export.gguf import export_formats, write_gguf, write_lora_gguf
+from engine.export.gguf import export_formats, write_lora_gguf
 from engine.export.manifest import base_entry, read_manifest, write_manifest
 from engine.export.merge import Trained, load_base
 from engine.export.onnx import write_onnx
@@ -41,7 +41,7 @@ def write_gguf_files(
         trained: the run's trained weights (a LoRA is written only for an adapter).
     Returns: the manifest entries written (file name -> kind, format, bytes ...).
     """
-    template, pre = _template(merged), _source_pre(model_spec)
+    template, pre = _template(merged), source_pre(model_spec)
     files: dict[str, dict] = {}
     for fmt, path in export_formats(merged, out, spec.formats, stem="model", chat_template=template, pre=pre).items():
         files[path.name] = {"kind": "model", "format": fmt}
@@ -78,7 +78,7 @@ def _template(merged: Path) -> str:
     return json.loads((merged / "tokenizer_config.json").read_text()).get("chat_template") or ""
 
 
-def _source_pre(model_spec: Any) -> str | None:
+def source_pre(model_spec: Any) -> str | None:
     """The pre-tokenizer name of the packaged GGUF the run started from (exact, not re-derived)."""
     if model_spec.kind != "gguf":
         return None
@@ -94,11 +94,33 @@ def _base_gguf(
         path = gguf_path(model_spec.package, model_spec.file)
         return base_entry(path, out, package=model_spec.package, file=model_spec.file), path.stem.rsplit(".", 1)[-1]
     fmt = "f32" if "f32" in formats else "f16"
-    base, tokenizer = load_base(model_spec, quant_spec)
-    tmp = out / ".base-hf.tmp"
+    path = base_gguf_files(model_spec, quant_spec, out, [fmt], stem="base", chat_template=template, pre=pre)[fmt]
+    return base_entry(path, out), fmt
+
+
+def base_gguf_files(
+    model_spec: Any,
+    quant_spec: Any,
+    out_dir: Path,
+    formats: list[str],
+    *,
+    stem: str,
+    chat_template: str,
+    pre: str | None,
+    loaded: tuple[Any, Any] | None = None,
+) -> dict[str, Path]:
+    """The untrained base (as the adapter was trained on it, de-quantized), written by our writer as
+    ``<stem>-<format>.gguf`` per format (quantized ones through llama.cpp's quantizer); {format: path}.
+
+    ``loaded``: the base's (model, tokenizer) when the caller already holds them (check_export's floors).
+    """
+    base, tokenizer = loaded or load_base(model_spec, quant_spec)
+    tmp = out_dir / f".{stem}-hf.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     base.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    path = write_gguf(tmp, out / f"base-{fmt}.gguf", fmt, chat_template=template, pre=pre)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return base_entry(path, out), fmt
+    del base
+    try:
+        return export_formats(tmp, out_dir, formats, stem=stem, chat_template=chat_template, pre=pre)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

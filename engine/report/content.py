@@ -257,7 +257,8 @@ def _export(run_dir: Path) -> list[Block]:
     note = (
         "Each file against the trained model on the same held-out token ids: teacher-forced top-1 agreement, "
         "largest |logit difference|, greedy-continuation agreement. A LoRA GGUF runs on its base GGUF and is held "
-        "to that base's own agreement with the HF base (its floor) minus export.check.lora_margin. Chat template: "
+        "to that base's own agreement with the HF base (its floor) minus export.check.lora_margin; a quantised file "
+        "to the same format made from the untrained base (its floor) minus export.check.quant_margin. Chat template: "
         "whether the template embedded in the GGUF renders the prompts to the training template's token ids."
     )
     return [Block("h2", "Export"), Block("p", note), Block("table", header=header, rows=rows)]
@@ -272,9 +273,10 @@ def _base_name(base) -> str:
 def _limits_text(p: dict) -> str:
     limits = p.get("limits") or {}
     parts = []
-    floor = (p.get("base_floor") or {}).get("top1")
+    floor = (p.get("base_floor") or p.get("floor") or {}).get("top1")
+    what = "base floor" if p.get("base_floor") else "untrained base in this format"
     if limits.get("top1") is not None:
-        parts.append(f"top-1 ≥ {limits['top1']}" + (f" (base floor {floor:.4f})" if floor is not None else ""))
+        parts.append(f"top-1 ≥ {limits['top1']}" + (f" ({what} {floor:.4f})" if floor is not None else ""))
     if limits.get("max_dlogit") is not None:
         parts.append(f"|Δ| ≤ {limits['max_dlogit']}")
     if limits.get("greedy") is not None:
@@ -287,7 +289,11 @@ def _chat_text(chat) -> str:
         return "n/a"
     if not chat.get("embedded"):
         return "none embedded"
-    return "same ids" if chat.get("same_ids") else "DIFFERENT ids"
+    if chat.get("same_ids"):
+        return "same ids"
+    if chat.get("same_text") and chat.get("ids_required") is False:
+        return "same text (llama.cpp's SentencePiece spacing differs: docs/export.md)"
+    return "DIFFERENT ids"
 
 
 LATENCY_COLUMNS = [("ttft_p50_s", "TTFT p50 (s)", 3), ("tokens_per_s_p50", "tokens/s p50", 1), ("seconds", "seconds", 1)]

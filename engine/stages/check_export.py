@@ -4,7 +4,9 @@ A full-model GGUF, and the ONNX file (in onnxruntime), are compared with the mer
 the LoRA GGUF, applied by llama.cpp on its base GGUF, with the HF base + adapter(s), and held to
 the base file's own floor (how well the base GGUF alone agrees with the HF base) minus
 ``export.check.lora_margin``. The numbers go to metrics.json and export/manifest.json; any
-number past its threshold fails the stage with all of them. The held-out cases come from
+number past its threshold fails the stage with all of them, after the recipe's report stage has
+written the Export table with the failing rows marked (trait ``reports_failure``). A quantised
+file is held to the floor of its format (``engine.export.check.quantization_floors``). The held-out cases come from
 ``eval.split`` of the prepared data (the training split if none is held out), fed as identical
 ids to both sides. The work is ``engine.export.check.check_export_dir``.
 """
@@ -18,7 +20,7 @@ from engine.export.merge import trained_weights
 from engine.stages.registry import STAGES
 
 
-@STAGES.register("check_export", traits=("needs:data",))
+@STAGES.register("check_export", traits=("needs:data", "reports_failure"))
 def check_export(ctx: RunContext) -> dict:
     """Top-1, max |dlogit| and greedy agreement of each exported file; chat template ids."""
     cfg, out, data, evaluated = ctx.cfg, ctx.run_dir / "export", ctx.data, ctx.cfg.evaluated_run

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import torch
 
+from engine.data.templates import save_template
 from engine.errors import ConfigError, UserError
 from engine.files import shown_path
 from engine.train import checkpoint as ckpt_io
@@ -179,6 +180,7 @@ def save_adapter(job: Job, model, *, sharded: bool) -> Path:
             inner.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if sharded else {}))
         if out.name == "model":
             job.tokenizer.save_pretrained(out)
+        save_template(out, job.data.template)  # what merge and serving render with (engine.data.templates)
     acc.wait_for_everyone()
     return out
 
