@@ -152,23 +152,23 @@ def files(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(files):
-    yield from running(*serve_files(files, queue=1, max_body_bytes=4096), files)
+    yield from running(*serve_files(files, max_batch=2, queue=1, max_body_bytes=4096), files)
 
 
 @pytest.fixture
 def slow_tokens(monkeypatch):
     """Each token takes ``delay`` seconds (the model still computes it): streams overlap other calls."""
-    from engine.serve.backends import hf
+    from engine.serve.backends import hf_batch
 
     made = {"tokens": 0}
-    real = hf._pick
+    real = hf_batch._pick
 
     def pick(*args):
         made["tokens"] += 1
         time.sleep(made.get("delay", 0.05))
         return real(*args)
 
-    monkeypatch.setattr(hf, "_pick", pick)
+    monkeypatch.setattr(hf_batch, "_pick", pick)
     return made
 
 
@@ -322,19 +322,21 @@ def test_queue_full_gets_429_with_retry_after(served, slow_tokens):
     body = {"model": served.backend.model_id, "messages": MESSAGES, "max_tokens": 30, "temperature": 0}
     replies = []
     workers = [
-        threading.Thread(target=lambda: replies.append(served.call("POST", "/v1/chat/completions", body))) for _ in range(2)
+        threading.Thread(target=lambda: replies.append(served.call("POST", "/v1/chat/completions", body))) for _ in range(3)
     ]
-    workers[0].start()
-    wait_for(lambda: slow_tokens["tokens"] >= 1)
-    workers[1].start()  # waits: queue=1
-    wait_for(lambda: served.state.gate.inside == 2)
+    for w in workers[:2]:  # max_batch=2: both run in the batch
+        w.start()
+    wait_for(lambda: slow_tokens["tokens"] >= 2)
+    workers[2].start()  # waits for a place: queue=1
+    wait_for(lambda: served.state.gate.inside == 3)
     full = served.call("POST", "/v1/chat/completions", body)
     assert full.status == 429 and full.headers["retry-after"] == "1"
     assert full.json["error"]["type"] == "rate_limit_error" and full.json["error"]["code"] == "queue_full"
     assert served.call("GET", "/health").status == 200  # the event loop is free while the model works
     for w in workers:
         w.join(timeout=60)
-    assert [r.status for r in replies] == [200, 200]
+    assert [r.status for r in replies] == [200, 200, 200]
+    assert len({r.text.split('"content":')[1] for r in replies}) == 1  # the same request: the same answer, in company or not
     assert served.state.gate.inside == 0
 
 
@@ -484,11 +486,37 @@ def test_serve_recipe_serves_a_run_prints_its_url_and_stops_on_sigterm(tmp_path)
         assert (models[run.name]["run"], models[run.name]["recipe"]) == (run.name, "lora_smollm2")
         r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
         assert r.usage.completion_tokens >= 1
+        streams = [Drained(client, i) for i in range(3)]  # a batch running when SIGTERM comes
+        wait_for(lambda: all(s.chunks >= 2 for s in streams), timeout=60)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
+    for s in streams:  # SIGTERM drained the batch: every stream ran to its end
+        s.join(timeout=30)
+        assert s.finish in ("stop", "length") and s.usage is not None and s.usage.completion_tokens >= 2, vars(s)
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["serve"]
     assert metrics["url"] == url and metrics["backend"] == "hf" and metrics["stopped_by"] == "SIGTERM"
-    assert metrics["active"] == {run.name: 1.0} and metrics["requests"] == 1
+    assert metrics["active"] == {run.name: 1.0} and metrics["requests"] == 4
+
+
+class Drained(threading.Thread):
+    """A streaming chat in the background: how many chunks came, its finish reason and usage."""
+
+    def __init__(self, client, i: int):
+        super().__init__(daemon=True)
+        self.client, self.i, self.chunks, self.finish, self.usage = client, i, 0, None, None
+        self.start()
+
+    def run(self) -> None:
+        messages = [{"role": "user", "content": f"Count to a hundred, {self.i}."}]
+        stream = self.client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=64, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+        for chunk in stream:
+            self.chunks += 1
+            if chunk.choices and chunk.choices[0].finish_reason:
+                self.finish = chunk.choices[0].finish_reason
+            if chunk.usage is not None:
+                self.usage = chunk.usage

@@ -200,11 +200,10 @@ def test_bad_adapter_sets_are_refused(served, files):
 
 
 def test_an_unexpected_backend_error_is_a_generic_500_and_the_server_goes_on(served, files, monkeypatch):
-    def broken(request):
+    def broken():
         raise RuntimeError(f"kaboom in {files}/secret/model.bin")
-        yield  # pragma: no cover
 
-    monkeypatch.setattr(served.backend, "generate", broken)
+    monkeypatch.setattr(served.backend.batch, "step", broken)
     reply = served.call("POST", "/v1/chat/completions", chat(served, max_tokens=2))
     assert_error(reply, 500, code="internal_error", type="server_error", files=files)
     assert "kaboom" not in reply.text

@@ -205,7 +205,7 @@ def test_non_finite_scores_are_a_user_error_not_nan_sampling():
     import torch
 
     from engine.errors import UserError
-    from engine.serve.backends.hf import _pick
+    from engine.serve.backends.hf_batch import _pick
 
     gen = torch.Generator().manual_seed(0)
     for bad in (float("nan"), float("inf")):
@@ -362,14 +362,14 @@ class _Counting:
         return getattr(self._tokenizer, name)
 
 
-def test_the_prompt_is_rendered_in_the_worker_behind_the_queue(served, monkeypatch):
+def test_the_prompt_is_rendered_in_the_render_thread_behind_the_gate(served, monkeypatch):
     seen = []
     render = served.backend.render_chat
     monkeypatch.setattr(
         served.backend, "render_chat", lambda *a, **k: (seen.append(threading.current_thread().name), render(*a, **k))[1]
     )
     answer(served, chat(served))
-    assert seen and all(name.startswith("engine-serve") for name in seen), seen
+    assert seen and all(name.startswith("engine-render") for name in seen), seen
 
 
 def test_the_token_floor_never_exceeds_the_real_count(served):

@@ -1,8 +1,11 @@
 """The llamacpp serving backend on a tiny Llama GGUF and two tiny LoRA GGUFs, all written by our exporter.
 
 References are llama.cpp itself: ``Llama(..., lora_path=A)`` fixes one adapter at load time, so the
-backend's runtime switching must give exactly its greedy tokens; the base alone likewise. Blends
-have no such reference: they must differ from each adapter alone and repeat exactly.
+backend's runtime switching must give exactly its greedy tokens; the base alone likewise, and
+seeded sampling must draw what ``Llama.generate`` draws with that seed. Blends have no such
+reference: they must differ from each adapter alone and repeat exactly. Batching (several
+requests in one context, engine/serve/backends/llamacpp_batch.py): each request in a batch gets
+exactly its answer alone.
 """
 
 from __future__ import annotations
@@ -89,10 +92,14 @@ def files(tmp_path_factory):
     )
 
 
-def build(files, gguf: Path | None = None, context_length: int = CTX, **adapters: Path):
+def build(
+    files, gguf: Path | None = None, context_length: int = CTX, max_batch: int = 2, prefill_chunk: int = 256, **adapters: Path
+):
     from engine.serve.backends.llamacpp import LlamaCppSpec, load_llamacpp
 
-    spec = LlamaCppSpec(kind="llamacpp", context_length=context_length, threads=1)
+    spec = LlamaCppSpec(
+        kind="llamacpp", context_length=context_length, threads=1, max_batch=max_batch, prefill_chunk=prefill_chunk
+    )
     return load_llamacpp(spec, gguf_path=gguf or files.base, adapter_paths=adapters)
 
 
@@ -117,12 +124,14 @@ def run(backend, prompt, *adapters, **kw) -> tuple[list[int], str, str]:
     return [t for p in pieces for t in p.token_ids], "".join(p.text for p in pieces), pieces[-1].finish_reason
 
 
-def reference(gguf: Path, prompt: list[int], lora: Path | None = None, n: int = NEW) -> list[int]:
-    """Greedy tokens of llama.cpp with the adapter fixed at load time (``lora_path``)."""
-    llm = llama_cpp.Llama(str(gguf), n_ctx=CTX, n_threads=1, verbose=False, lora_path=str(lora) if lora else None)
+def reference(gguf: Path, prompt: list[int], lora: Path | None = None, n: int = NEW, **sampling) -> list[int]:
+    """Tokens of llama.cpp's own ``Llama.generate`` with the adapter fixed at load time (``lora_path``):
+    greedy, or with ``temp``, ``top_p`` and ``seed`` (top-k, min-p and penalties off, as served)."""
+    seed = sampling.pop("seed", llama_cpp.LLAMA_DEFAULT_SEED)
+    llm = llama_cpp.Llama(str(gguf), n_ctx=CTX, n_threads=1, verbose=False, lora_path=str(lora) if lora else None, seed=seed)
     try:
         out: list[int] = []
-        for token in llm.generate(prompt, temp=0.0, top_k=0, min_p=0.0, repeat_penalty=1.0):
+        for token in llm.generate(prompt, **{"temp": 0.0, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, **sampling}):
             if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) or len(out) == n:
                 break
             out.append(token)
@@ -172,37 +181,19 @@ def test_switching_back_and_forth_never_reuses_a_prefix_computed_under_another_s
         assert run(backend, prompt, *adapters)[0] == refs[name], name
 
 
-def test_without_the_cache_reset_the_switch_leaks_and_the_check_above_sees_it(files, prompt, refs):
-    """The same sequence with the prefix-cache reset disabled: A's answer is then computed on the
-    base's cached prompt. Proves the test above would catch a missing invalidation."""
+def test_every_request_reads_its_whole_prompt_into_a_kv_sequence_freed_when_it_ends(files, prompt, refs):
+    """What replaced the serial backend's prefix cache (and its reset on an adapter switch): a
+    request's keys and values live in its own KV sequence, filled from its whole prompt under its
+    own set and removed when it ends, so nothing computed for one request reaches another."""
     b = build(files, A=files.a)
     try:
-        b._llm.reset = lambda: None
-        assert run(b, prompt)[0] == refs["base"]
-        assert run(b, prompt, ("A", 1.0))[0] != refs["A"]
-    finally:
-        b.close()
-
-
-def test_the_cache_is_dropped_only_when_the_set_changes(files, prompt, monkeypatch):
-    """Unseeded sampling with the same set again keeps llama.cpp's prefix cache (a chat's growing
-    prompt is not recomputed): the prompt is evaluated whole only after a switch, else just its
-    last token. A reproducible request (a seed, or temperature 0) always evaluates it whole:
-    llama.cpp's logits depend on the batch, and its answer must not depend on what ran before."""
-    b = build(files, A=files.a)
-    try:
-        evaluated: list[list[int]] = []
-        evaluate = b._llm.eval
-        monkeypatch.setattr(b._llm, "eval", lambda tokens: (evaluated[-1].append(len(tokens)), evaluate(tokens)))
-        for adapters in [(), (), (("A", 1.0),), (("A", 1.0),), (("A", 0.0),), ()]:
-            evaluated.append([])
-            run(b, prompt, *adapters, max_tokens=2, temperature=0.8)
-        whole = len(prompt)
-        assert [e[0] for e in evaluated] == [whole, 1, whole, 1, whole, 1]  # scale 0 is the base: A -> base, then base
-        for kw in ({"temperature": 0.0}, {"temperature": 0.8, "seed": 3}, {"temperature": 0.0}):
-            evaluated.append([])
-            run(b, prompt, max_tokens=2, **kw)
-            assert evaluated[-1][0] == whole, kw
+        for adapters, want in [((), "base"), ((("A", 1.0),), "A"), ((), "base")]:
+            decodes = b.batch.decodes
+            assert run(b, prompt, *adapters, max_tokens=3)[0] == refs[want][:3]
+            assert b.batch.decodes - decodes == 3  # the whole prompt in one decode, then 2 tokens: no reuse
+            assert b.batch.live() == [] and all(
+                llama_cpp.llama_memory_seq_pos_max(b.batch._memory, seq) == -1 for seq in range(b.batch.size)
+            )
     finally:
         b.close()
 
@@ -311,13 +302,10 @@ def test_stop_strings_end_the_text_before_them_and_never_emit_past_them(backend,
 
 
 def scripted(backend, monkeypatch, tokens: list[int]):
-    """llama.cpp's token source replaced by a fixed sequence of real token ids (decoding, EOS and
-    stop strings then run on known input)."""
-
-    def generate(prompt, **kw):
-        yield from tokens
-
-    monkeypatch.setattr(backend._llm, "generate", generate)
+    """The batch's sampler replaced by a fixed sequence of real token ids (llama.cpp still decodes;
+    text decoding, EOS and stop strings then run on known input)."""
+    source = iter(tokens)
+    monkeypatch.setattr(backend.batch, "_sample", lambda seq, index: next(source))
 
 
 def test_multibyte_characters_split_over_tokens_come_out_whole(files, monkeypatch):
@@ -327,7 +315,7 @@ def test_multibyte_characters_split_over_tokens_come_out_whole(files, monkeypatc
         ids = b.tokenize(text)
         assert len(ids) > len(text)  # byte-level tokens: some characters span several
         scripted(b, monkeypatch, ids)
-        pieces = list(b.generate(request([1], max_tokens=100)))
+        pieces = list(b.generate(request([1], max_tokens=len(ids))))
         assert "".join(p.text for p in pieces) == text
         assert all("\ufffd" not in p.text for p in pieces)
         assert [t for p in pieces for t in p.token_ids] == ids
@@ -373,16 +361,18 @@ def test_a_stop_string_over_multibyte_tokens_is_held_back_until_decided(files, m
     ],
 )
 def test_stop_cut(text, start, stops, want):
-    from engine.serve.backends.llamacpp import stop_cut
+    from engine.serve.backends.llamacpp_batch import stop_cut
 
     assert stop_cut(text, start, stops) == want
 
 
 def test_a_generation_closed_early_stops_decoding(files, backend, prompt, refs):
+    decodes = backend.batch.decodes
     stream = backend.generate(request(prompt, max_tokens=200))
     next(stream), next(stream)
     stream.close()
-    assert backend._llm.n_tokens <= len(prompt) + 2  # nothing decoded after the client went away
+    assert backend.batch.decodes - decodes == 2  # the prompt, then one token; nothing after the client went away
+    assert backend.batch.live() == []
     assert run(backend, prompt)[0] == refs["base"]
 
 
@@ -398,6 +388,185 @@ def test_seeded_sampling_repeats_and_another_seed_differs(backend, prompt):
     same = [run(backend, prompt, temperature=1.5, top_p=0.95, seed=7)[0] for _ in range(2)]
     assert same[0] == same[1]
     assert run(backend, prompt, temperature=1.5, top_p=0.95, seed=8)[0] != same[0]
+
+
+@pytest.mark.parametrize("seed", [7, 2**40 + 3, -5])
+def test_seeded_sampling_draws_what_llama_cpp_draws_with_that_seed(files, backend, prompt, seed):
+    """The batch's own sampler chain is today's (``Llama.generate``'s): top_p, temperature, then a
+    draw seeded with the int64 seed folded to 32 bits."""
+    folded = seed % 0xFFFFFFFF
+    want = reference(files.base, prompt, temp=1.5, top_p=0.9, seed=folded)
+    assert run(backend, prompt, temperature=1.5, top_p=0.9, seed=seed)[0] == want
+
+
+# --- batching: each request's answer alone, in company --------------------------------------
+
+
+def _mix(backend, prompt: list[int], tokenizer) -> dict[str, object]:
+    """Requests that differ in every way a batch must keep apart: prompt length, stop strings,
+    greedy and seeded sampling, budgets, and adapter sets (base, A, B, a blend)."""
+    longer = (
+        prompt[:-5]
+        + tokenizer("Tell me more about the rivers of France, please.", add_special_tokens=False).input_ids
+        + prompt[-5:]
+    )
+    return {
+        "base": request(prompt),
+        "A": request(prompt, ("A", 1.0), max_tokens=12),
+        "B-long": request(longer, ("B", 1.0)),
+        "blend": request(prompt, ("A", 0.5), ("B", 0.5), max_tokens=20),
+        "seeded": request(longer, temperature=1.5, top_p=0.9, seed=11),
+        "A-seeded": request(prompt, ("A", 1.0), temperature=0.8, seed=3, max_tokens=10),
+        "short": request(prompt[-3:], max_tokens=5),
+        "stop": request(prompt, ("B", 1.0), stop=("never", run(backend, prompt, ("B", 1.0))[1][6:9])),
+    }
+
+
+def _alone(backend, requests: dict) -> dict[str, tuple[list[int], str, str]]:
+    out = {}
+    for key, req in requests.items():
+        pieces = list(backend.generate(req))
+        out[key] = ([t for p in pieces for t in p.token_ids], "".join(p.text for p in pieces), pieces[-1].finish_reason)
+    return out
+
+
+def drive(batch, arrivals: dict[int, dict], drops: dict[int, list[str]] | None = None, on_step=None):
+    """Run a batch: ``arrivals[n]`` (key -> request) join before step n, ``drops[n]`` leave before it.
+    Returns key -> (ids, text, finish reason or None if dropped); ``on_step(n, out, slots)`` sees each step."""
+    slots, pieces, n = {}, {}, 0
+    while n <= max(arrivals) or batch.live():
+        for key, req in arrivals.get(n, {}).items():
+            slots[key], pieces[key] = batch.add(req), []
+        for key in (drops or {}).get(n, []):
+            batch.drop(slots[key])
+        out = batch.step()
+        for key, slot in slots.items():
+            if slot in out:
+                assert not isinstance(out[slot], BaseException), (key, out[slot])
+                pieces[key].append(out[slot])
+        if on_step:
+            on_step(n, out, slots)
+        n += 1
+    return {
+        key: ([t for p in ps for t in p.token_ids], "".join(p.text for p in ps), ps[-1].finish_reason if ps else None)
+        for key, ps in pieces.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def wide(files):
+    b = build(files, max_batch=8, A=files.a, B=files.b)
+    yield b
+    b.close()
+
+
+def test_a_batch_of_different_requests_gives_each_its_answer_alone(wide, prompt, files):
+    requests = _mix(wide, prompt, files.tokenizer)
+    alone = _alone(wide, requests)
+    assert alone["A"][0] != alone["base"][0][:12] and alone["blend"][0] != alone["base"][0][:20]
+    assert alone["stop"][2] == "stop" and alone["short"][2] == "length"
+    start, decodes = wide.batch.decodes, []
+    together = drive(wide.batch, {0: requests}, on_step=lambda n, out, slots: decodes.append(wide.batch.decodes))
+    assert together == alone
+    # Sequences sharing a set decode together: the first step (every prompt read) is one decode per
+    # set present (base, A, B, the blend), not one per request.
+    assert decodes[0] - start == 4
+
+
+def test_a_request_joining_mid_batch_and_one_dropped_mid_batch_do_not_change_the_others(wide, prompt, files):
+    requests = _mix(wide, prompt, files.tokenizer)
+    alone = _alone(wide, requests)
+    first = {k: requests[k] for k in ("base", "A", "seeded", "blend")}
+    later = {k: requests[k] for k in ("B-long", "A-seeded")}
+    got = drive(wide.batch, {0: first, 4: later}, drops={3: ["blend"]})
+    for key in ("base", "A", "seeded", "B-long", "A-seeded"):
+        assert got[key] == alone[key], key
+    ids, text, finish = got["blend"]
+    assert finish is None and ids == alone["blend"][0][: len(ids)] and 0 < len(ids) < len(alone["blend"][0])
+    assert wide.batch.live() == []
+
+
+def test_a_long_prompt_is_read_in_chunks_while_the_others_keep_decoding(files, prompt):
+    chunk = 8
+    b = build(files, max_batch=4, prefill_chunk=chunk, A=files.a)
+    try:
+        long_prompt = (
+            prompt[:-5]
+            + files.tokenizer(" ".join(["the rivers of France"] * 12), add_special_tokens=False).input_ids
+            + prompt[-5:]
+        )
+        requests = {"long": request(long_prompt, max_tokens=4), "short": request(prompt, ("A", 1.0), max_tokens=40)}
+        alone = _alone(b, requests)
+        first_piece, short_pieces = {}, []
+
+        def watch(n, out, slots):
+            if "long" in slots and slots["long"] in out:
+                first_piece.setdefault("long", n)
+            if "short" in slots and slots["short"] in out:
+                short_pieces.append(n)
+
+        join = -(-len(prompt) // chunk) + 2  # the short one has read its prompt and decodes
+        got = drive(b.batch, {0: {"short": requests["short"]}, join: {"long": requests["long"]}}, on_step=watch)
+        assert got == alone
+        reading = -(-len(long_prompt) // chunk)  # steps the long prompt takes
+        assert reading >= 10
+        assert first_piece["long"] == join + reading - 1  # its first token comes with its last chunk
+        assert all(n in short_pieces for n in range(join, join + reading))  # the other decoded every step meanwhile
+    finally:
+        b.close()
+
+
+def test_an_adapter_loaded_between_steps_serves_the_next_request_and_leaves_running_ones_alone(files, prompt):
+    b = build(files, max_batch=4, A=files.a)
+    try:
+        solo = {"base": run(b, prompt), "A": run(b, prompt, ("A", 1.0))}
+        base, a = b.batch.add(request(prompt)), b.batch.add(request(prompt, ("A", 1.0)))
+        pieces = {base: [], a: []}
+        for _ in range(3):
+            for slot, piece in b.batch.step().items():
+                pieces[slot].append(piece)
+        b.load_adapter("B", files.b)
+        late = b.batch.add(request(prompt, ("B", 1.0)))
+        pieces[late] = []
+        while b.batch.live():
+            for slot, piece in b.batch.step().items():
+                pieces[slot].append(piece)
+        ids = {slot: [t for p in ps for t in p.token_ids] for slot, ps in pieces.items()}
+        assert ids[base] == solo["base"][0] and ids[a] == solo["A"][0]
+        assert ids[late] == reference(files.base, prompt, files.b)
+    finally:
+        b.close()
+
+
+def test_non_finite_scores_end_that_request_alone(files, prompt):
+    """An adapter scaled far past sense overflows the model: that slot gets a UserError, the others go on."""
+    b = build(files, max_batch=2, A=files.a)
+    try:
+        solo = run(b, prompt)
+        ok, bad = b.batch.add(request(prompt)), b.batch.add(request(prompt, ("A", 1e30)))
+        outs = {ok: [], bad: []}
+        while b.batch.live():
+            for slot, out in b.batch.step().items():
+                outs[slot].append(out)
+        assert len(outs[bad]) == 1 and isinstance(outs[bad][0], UserError) and "not finite" in str(outs[bad][0])
+        assert [t for p in outs[ok] for t in p.token_ids] == solo[0]
+    finally:
+        b.close()
+
+
+def test_bad_requests_are_refused_by_add_with_the_batch_untouched(wide, prompt):
+    from engine.serve.backend import GenerateRequest
+
+    cases = [
+        (request(prompt, ("C", 1.0)), "adapter 'C' is not loaded"),
+        (request(prompt + [1] * CTX), "the context holds 256"),
+        (request([*prompt, 10**6]), "outside this model's vocabulary"),
+        (GenerateRequest(prompt_ids=[], max_tokens=4), "prompt is empty"),
+    ]
+    for req, says in cases:
+        with pytest.raises(UserError, match=says):
+            wide.batch.add(req)
+    assert wide.batch.live() == []
 
 
 # --- bad files ---------------------------------------------------------------------------
@@ -509,6 +678,18 @@ def test_close_frees_adapters_and_model_and_is_idempotent(files, prompt):
     b.close()
     with pytest.raises(UserError, match="closed"):
         b.generate(request(prompt))
+
+
+def test_closing_with_sequences_still_running_frees_them_and_their_readers_hear_of_it(files, prompt):
+    b = build(files, A=files.a)
+    stream = b.generate(request(prompt, ("A", 1.0), max_tokens=50))
+    next(stream)
+    b.batch.add(request(prompt))
+    b.batch.step()
+    b.close()  # samplers, context (holding A), adapter, model: in that order, no use-after-free
+    with pytest.raises(UserError, match="closed"):
+        next(stream)
+    b.batch.drop(0)  # a no-op once closed
 
 
 # --- through the HTTP layer ------------------------------------------------------------------

@@ -9,11 +9,14 @@ Layout, from the stages down:
   server.py    ``serve``: the serve stage's work (open the backend, run the app under uvicorn)
   chat.py      ``terminal_chat``: the chat stage's work; the conversation loop
   matrix.py    ``adapter_matrix``: the adapter_matrix stage's work; the QA matrix
-  backends/    ``open_backend`` and one module per kind: its spec, its builder, its backend
+  backends/    ``open_backend`` and one module per kind: its spec, its builder, its backend;
+               ``<kind>_batch.py``: that kind's batch
   backend.py   the contract: what a builder gets (``BackendSource``) and gives (``Opened``),
                and the ``Backend`` protocol the routes, the chat and the matrix drive
   adapters.py  which adapter files may load: configured directories only
-  app.py       the FastAPI routes (then state, limits, worker, stream, guard; see its doc)
+  batch.py     the batch contract (add, step, drop): continuous batching, one request alone
+  app.py       the FastAPI routes (then state, limits, worker, stream, guard; see its doc);
+               worker.py is the scheduler: one thread stepping the backend's batch
   openai.py    OpenAI's request bodies and error shape
   ui.py        the page and its read-only runs view
 
@@ -95,8 +98,14 @@ class ServeSpec(Spec):
     """Tokens of prompt + completion per request; longer prompts get context_length_exceeded."""
     threads: int = Field(0, ge=0)
     """CPU threads for generation (0: all cores)."""
+    max_batch: int = Field(8, ge=1, le=256)
+    """Sequences decoded together (continuous batching): requests join the running batch at its
+    next step. Higher: more tokens/s in all, each stream a little slower; 1: one at a time."""
+    prefill_chunk: int = Field(256, ge=1)
+    """Prompt tokens a newcomer reads per step, so one long prompt never stalls the other streams
+    for its whole length."""
     queue: int = Field(16, ge=1)
-    """Requests waiting for the model beyond the one running; more get 429 with Retry-After."""
+    """Requests waiting for a place in the batch (beyond ``max_batch``); more get 429 with Retry-After."""
     max_body_bytes: int = Field(1_000_000, ge=1024)
     """Larger request bodies get 413."""
     default_max_tokens: int = Field(256, ge=1)

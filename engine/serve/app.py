@@ -1,4 +1,4 @@
-"""The HTTP layer: OpenAI's routes, adapter hot-swap, API key, one generation at a time.
+"""The HTTP layer: OpenAI's routes, adapter hot-swap, API key, continuous batching.
 
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (stream or not), ``GET
 /v1/models``, ``GET /health`` (no key), ``GET``/``POST /lora-adapters``, and the page
@@ -6,8 +6,9 @@ Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (stream or no
 behind them. A request goes, top to bottom:
 
   limits.py  the key, the body size, the prompt's size against the context (before the queue)
-  state.py   ``Server``: the adapter set it gets (taken on arrival), the queue, render, start
-  worker.py  the gate (one generation at a time, 429 beyond ``serve.queue``) and the worker thread
+  state.py   ``Server``: the adapter set it gets (taken on arrival), the gate, render, start
+  worker.py  the gate (429 beyond ``max_batch`` + ``queue``) and the scheduler: one thread
+             stepping the backend's batch, requests joining and leaving between steps
   stream.py  the answer: one JSON object, or server-sent events as tokens come
   guard.py   any error, in OpenAI's shape; the server keeps serving
 """

@@ -4,10 +4,11 @@ Why one small protocol: the routes (engine/serve/app.py), the terminal chat and 
 QA matrix all drive a model the same way (render a chat, generate a stream of text pieces
 with a given adapter set), and each backend (llama.cpp, transformers) does it its own way.
 
-Concurrency contract: the app calls ``generate`` from one worker at a time per backend (a
-bounded queue in front), so a backend never sees two generations at once. The adapter set
-of a request is fixed before its first token (``GenerateRequest.adapters``): switching the
-server's active set between requests never mixes adapters within one response.
+Concurrency contract: the server drives a backend's ``batch`` from one scheduler thread
+(engine/serve/worker.py): requests join and leave the running batch between steps, so a
+backend never sees two threads generate at once. The adapter set of a request is fixed
+when it is added (``GenerateRequest.adapters``): switching the server's active set never
+changes a running response, and each sequence of a batch decodes with its own set.
 
 How a backend is opened: every kind registers one builder in ``SERVERS`` under its preset's
 ``kind`` (engine/serve/backends/<kind>.py), all with one signature,
@@ -24,9 +25,12 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.errors import UserError
+
+if TYPE_CHECKING:
+    from engine.serve.batch import Batch
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ class Backend(Protocol):
     model_id: str
     """Name of the base model as /v1/models lists it."""
     context_length: int
+    batch: Batch
+    """The backend's one batch (``serve.max_batch`` sequences, engine/serve/batch.py): the server's
+    scheduler drives it; ``generate`` runs one request through it alone."""
 
     def tokenize(self, text: str, *, limit: int | None = None) -> list[int]:
         """Plain text -> ids (completions); special tokens in the text are parsed. With ``limit``,
@@ -87,7 +94,7 @@ class Backend(Protocol):
         with the assistant turn opened; ``limit`` as for ``tokenize``."""
 
     def generate(self, request: GenerateRequest) -> Iterator[Piece]:
-        """Stream the completion. Stop strings are honoured here (text never passes one).
+        """Stream the completion (``batch.alone`` over ``batch``). Stop strings are honoured here (text never passes one).
 
         Yield a piece per generated token (its text may be empty while held back): the app
         checks between pieces whether the client is still there and counts ``token_ids`` for
@@ -124,6 +131,14 @@ class BackendSource:
     def scales(self) -> list[float] | None:
         """The level scales of a layered adapter (None: as trained)."""
         return list(getattr(self.adapter, "scales", None) or []) or None
+
+    @property
+    def template(self) -> str | None:
+        """The chat template the evaluated run trained with, as it recorded it beside its weights; None
+        (no run, or one from before the record): the backend's own (the tokenizer's, the GGUF's)."""
+        from engine.data.templates import recorded_template
+
+        return recorded_template(self.evaluated)
 
 
 @dataclass

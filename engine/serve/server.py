@@ -54,7 +54,7 @@ def serve(spec: ServeSpec, source: BackendSource) -> dict:
     try:
         url, stopped_by = run(app, spec.host, spec.port, announce=_announce)
     finally:
-        server.worker.shutdown(wait=True, cancel_futures=True)
+        server.close()
         backend.close()
     print(f"[engine] serve: stopped ({stopped_by or 'shutdown'}); {server.served} requests answered", flush=True)
     return {

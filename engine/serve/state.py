@@ -1,9 +1,10 @@
-"""The state behind the routes: the backend, its gate and worker, the active adapter set.
+"""The state behind the routes: the backend, its scheduler, the active adapter set.
 
 Why the adapter set is taken when a request arrives: a switch (``POST /lora-adapters``)
-changes what the *next* request gets; the running response keeps the set it started with,
-so no response mixes two adapter sets. Loading an adapter changes the model, so it runs in
-the worker while no generation does (``exclusive``).
+changes what the *next* request gets; a running response keeps the set it started with,
+so no response mixes two adapter sets (each sequence of a batch has its own set). Loading
+an adapter changes the model, so it runs on the scheduler's thread between two steps
+(``exclusive``).
 """
 
 from __future__ import annotations
@@ -21,19 +22,21 @@ from engine.serve.adapters import AdapterDirs, AdapterPathError, Found
 from engine.serve.backend import AdapterInfo, AdapterScale, Backend, GenerateRequest, Piece, PromptTooLong
 from engine.serve.limits import budget, check_key, prompt_limit, read_body, too_long
 from engine.serve.openai import AdapterItem, ApiError, parse_adapter_set
-from engine.serve.worker import Gate, Job
+from engine.serve.worker import Gate, Job, Scheduler
 
 log = logging.getLogger("engine.serve")
 
 
 class Server:
-    """One backend served: who may call, what is loaded and active, one generation at a time."""
+    """One backend served: who may call, what is loaded and active, the batch its requests join."""
 
     def __init__(self, backend: Backend, spec: ServeSpec, *, api_key: str | None, adapter_dirs: AdapterDirs):
         self.backend, self.spec, self.dirs = backend, spec, adapter_dirs
         self.api_key = api_key.encode() if api_key else None
-        self.gate = Gate(spec.queue)
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-serve")
+        self.gate = Gate(spec.max_batch, spec.queue)
+        self.scheduler = Scheduler(backend.batch)
+        self.renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-render")
+        """Chat templates and tokenizers run here, one request at a time, beside the batch's steps."""
         self.active: tuple[AdapterScale, ...] = ()
         """The adapter set requests to the base model's id get; set by POST /lora-adapters."""
         self.started = int(time.time())
@@ -105,44 +108,39 @@ class Server:
         return self.lora_list()
 
     async def exclusive(self, fn):
-        """Run ``fn`` in the worker while no generation runs (loading an adapter changes the model)."""
+        """Run ``fn`` on the scheduler's thread between two steps (loading an adapter changes the model)."""
         self.gate.enter()
         try:
-            async with self.gate.lock:
-                return await asyncio.get_running_loop().run_in_executor(self.worker, fn)
+            return await asyncio.wrap_future(self.scheduler.call(fn))
         finally:
             self.gate.leave()
+
+    def close(self) -> None:
+        """After the HTTP server stopped: end what still runs, stop the threads."""
+        self.scheduler.close()
+        self.renderer.shutdown(wait=True, cancel_futures=True)
 
     # --- generation -------------------------------------------------------------------
 
     async def start(self, body, render, param: str) -> tuple[Job, Piece | None, int]:
-        """Queue for the model; in the gate, render the prompt and start the generation; wait
-        for its first piece (so an error before the first token is still a proper status code).
+        """Take a place (429 when ``max_batch`` run and ``queue`` wait); render the prompt; join
+        the batch; wait for the first piece (so an error before the first token is still a
+        proper status code).
 
-        Why render in the gate: a chat template and a tokenizer cost time linear (llama.cpp's
-        special-token parsing: quadratic) in the body, and a body of 20,000 tiny messages cost
-        ~29 s of CPU. Rendered in the worker, one request at a time, that work waits in the
-        same bounded queue as generation; ``render(limit)`` also refuses a text that cannot
-        fit ``limit`` tokens before tokenizing it (``PromptTooLong``).
+        Why render in its own thread, in the gate: a chat template and a tokenizer cost time
+        linear (llama.cpp's special-token parsing: quadratic) in the body, and a body of 20,000
+        tiny messages cost ~29 s of CPU. Rendered one request at a time in the renderer thread,
+        that work waits in the same bounded gate as generation and never stalls a step;
+        ``render(limit)`` also refuses a text that cannot fit ``limit`` tokens before
+        tokenizing it (``PromptTooLong``).
         """
         adapters = self.adapters_for(body.model)  # the set is taken on arrival (module doc)
         context = self.backend.context_length
         limit = prompt_limit(body, context, param)
         self.gate.enter()
-        try:
-            await self.gate.lock.acquire()
-        except BaseException:
-            self.gate.leave()
-            raise
-
-        def release() -> None:
-            self.served += 1
-            self.gate.lock.release()
-            self.gate.leave()
-
         loop = asyncio.get_running_loop()
         try:
-            prompt_ids = await loop.run_in_executor(self.worker, render, limit)
+            prompt_ids = await loop.run_in_executor(self.renderer, render, limit)
             wanted = body.wanted_tokens()
             greq = GenerateRequest(
                 prompt_ids=prompt_ids,
@@ -154,15 +152,19 @@ class Server:
                 adapters=adapters,
             )
         except BaseException as e:
-            self.gate.lock.release()
             self.gate.leave()
             if isinstance(e, PromptTooLong):
                 raise too_long(context, e.floor, body.wanted_tokens(), param, at_least=True) from None
             if isinstance(e, UserError):
                 raise ApiError(400, str(e), param=param, code="invalid_value") from None
             raise
-        job = Job(self.backend, greq, loop, release)
-        loop.run_in_executor(self.worker, job.run)
+
+        def release() -> None:
+            self.served += 1
+            self.gate.leave()
+
+        job = Job(greq, loop, release)
+        self.scheduler.submit(job)
         try:
             first = await job.next()
         except UserError as e:  # the backend refused the request before its first token

@@ -1,10 +1,9 @@
 """The ``hf`` backend: transformers + PEFT, any device, several adapters on one base.
 
 Why PEFT's multi-adapter model and not a model per adapter: the base loads once; each
-adapter adds only its low-rank matrices. A request's set is activated before its first
-token (``set_adapter`` with a scale per adapter: a blend sums ``scale_k * B_k A_k x``), and
-an empty set runs the base with every adapter disabled. The app runs one generation at a
-time, so the active set cannot change under a running response.
+adapter adds only its low-rank matrices. Requests run in the backend's batch
+(engine/serve/backends/hf_batch.py): rows of one forward use different adapters (PEFT's
+per-row ``adapter_names``), and a blend's rows run with their set made active and scaled.
 
 Generation is a plain token loop over the KV cache (not ``model.generate``): each token is
 yielded as it is made, so a closed stream stops decoding at once, and stop strings are
@@ -13,9 +12,7 @@ honoured without ever emitting text past one.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -24,16 +21,9 @@ from engine.errors import UserError
 from engine.model.names import display_name
 from engine.serve import SERVERS, ServeSpec
 from engine.serve.adapters import Found, load_arguments, provenance
-from engine.serve.backend import (
-    AdapterInfo,
-    AdapterScale,
-    BackendSource,
-    GenerateRequest,
-    Opened,
-    Piece,
-    TokenFloor,
-    check_ids,
-)
+from engine.serve.backend import AdapterInfo, AdapterScale, BackendSource, GenerateRequest, Opened, Piece, TokenFloor
+from engine.serve.backends.hf_batch import HfBatch
+from engine.serve.batch import alone
 
 
 class HfSpec(ServeSpec):
@@ -42,38 +32,12 @@ class HfSpec(ServeSpec):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
-class StopText:
-    """Turns the growing decoded text into safe pieces: nothing past a stop string is emitted,
-    and a tail that could still become one (``"<|"`` of ``"<|end|>"``) is held back."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = tuple(s for s in stops if s)
-        self.sent = 0
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """(new text safe to send, whether a stop string was reached)."""
-        hits = [i for i in (text.find(s, self.sent) for s in self.stops) if i >= 0]
-        if hits:
-            out = text[self.sent : min(hits)]
-            self.sent = min(hits)
-            return out, True
-        # k never past the text: a 100 kB stop string costs what the text does, not its square.
-        most = len(text) - self.sent
-        hold = max((k for s in self.stops for k in range(1, min(len(s), most + 1)) if text.endswith(s[:k])), default=0)
-        end = max(self.sent, len(text) - hold)
-        out, self.sent = text[self.sent : end], end
-        return out, False
-
-    def rest(self, text: str) -> str:
-        """At the end of generation: the held-back tail (it never became a stop string)."""
-        out, self.sent = text[self.sent :], len(text)
-        return out
-
-
 class HfBackend:
     """A base model, its tokenizer and the PEFT adapters loaded onto it."""
 
-    def __init__(self, model, tokenizer, *, model_id: str, context_length: int, device: str):
+    def __init__(
+        self, model, tokenizer, *, model_id: str, context_length: int, device: str, max_batch: int = 1, prefill_chunk: int = 256
+    ):
         self.base = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -85,6 +49,7 @@ class HfBackend:
         self._internal: dict[str, str] = {}
         """Public name -> PEFT adapter name (``a0``, ``a1`` ...: PEFT names may not hold dots or slashes)."""
         self.eos = self._eos_ids()
+        self.batch = HfBatch(self, size=max_batch, prefill_chunk=prefill_chunk)
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -106,16 +71,25 @@ class HfBackend:
         longest = max((len(t) for t in self.tokenizer.get_vocab() if t not in added), default=1)
         return TokenFloor(added, longest, in_bytes=False)
 
+    template: str | None = None
+    """The chat template the served run trained with (``BackendSource.template``); None: the tokenizer's own."""
+
     def render_chat(self, messages: list[dict], *, limit: int | None = None) -> list[int]:
-        # transformers renders chat templates in jinja2's ImmutableSandboxedEnvironment.
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise UserError("this model has no chat template; send plain text to /v1/completions instead")
+        """The run's template (else the tokenizer's) through engine's one renderer, then the tokenizer's ids:
+        the text and ids training built for the same messages (engine.data.templates.render)."""
         from jinja2 import TemplateError
 
+        from engine.data.templates import TemplateStopped, render
+
+        source = self.template or getattr(self.tokenizer, "chat_template", None)
+        if not source:
+            raise UserError("this model has no chat template; send plain text to /v1/completions instead")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except TemplateError as e:  # the template's own raise_exception, or the sandbox stopping it
+            text = render(source, messages, add_generation_prompt=True, tokenizer=self.tokenizer)
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError) as e:  # raise_exception, bad messages
             raise UserError(f"the chat template of {self.model_id} refused these messages: {e}") from None
+        except TemplateStopped as e:  # engine.data.templates says what was reached for
+            raise UserError(f"the chat template of {self.model_id} was stopped by the sandbox: {e.reason}") from None
         self._floor.check(text, limit)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
@@ -148,104 +122,19 @@ class HfBackend:
     def adapters(self) -> list[AdapterInfo]:
         return list(self._infos.values())
 
-    @contextlib.contextmanager
-    def _active(self, adapters: tuple[AdapterScale, ...]):
-        """The model to run with this adapter set active (and scaled); the base alone if empty."""
-        if not adapters or self.peft is None:
-            with self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext():
-                yield self.peft or self.base
-            return
-        from engine.adapter import set_scales
-
-        unknown = [a.name for a in adapters if a.name not in self._internal]
-        if unknown:
-            raise UserError(f"adapter {unknown[0]!r} is not loaded")
-        names = [self._internal[a.name] for a in adapters]
-        self.peft.base_model.set_adapter(names, inference_mode=True)
-        set_scales(self.peft, {self._internal[a.name]: a.scale for a in adapters})
-        yield self.peft
+    def mixable(self, name: str) -> bool:
+        """Whether PEFT can run this adapter per row in a mixed batch (plain LoRA: yes; DoRA: no)."""
+        config = self.peft.peft_config[self._internal[name]]
+        return str(getattr(config, "peft_type", "")).endswith("LORA") and not getattr(config, "use_dora", False)
 
     # --- generation -----------------------------------------------------------------
 
     def generate(self, request: GenerateRequest) -> Iterator[Piece]:
-        import torch
-
-        if not request.prompt_ids:
-            raise UserError("the prompt is empty")
-        check_ids(request.prompt_ids, self.base.get_input_embeddings().num_embeddings)
-        gen = torch.Generator("cpu")
-        # torch takes 64 bits: OpenAI's int64 seeds (negative ones too) map one to one.
-        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
-        gen.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
-        budget = min(request.max_tokens, self.context_length - len(request.prompt_ids))
-        stop = StopText(request.stop)
-        ids: list[int] = []
-        sent_ids = 0
-        text = ""
-        with torch.inference_mode(), self._active(request.adapters) as model:
-            step = torch.tensor([request.prompt_ids], device=self.device)
-            cache = None
-            finish = "length"
-            for _ in range(max(budget, 0)):
-                out = model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1)
-                cache = out.cache
-                token = _pick(out.logits[0, -1], request.temperature, request.top_p, gen)
-                if token in self.eos:
-                    finish = "stop"
-                    break
-                ids.append(token)
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                stable = _complete(text)
-                piece, stopped = stop.push(stable)
-                if stopped:
-                    yield Piece(piece, ids[sent_ids:], finish_reason="stop")
-                    return
-                # One piece per token, empty while text is held back: the app sees every token
-                # (a closed stream stops here at once) and counts them for ``usage``.
-                yield Piece(piece, ids[sent_ids:])
-                sent_ids = len(ids)
-                step = torch.tensor([[token]], device=self.device)
-        yield Piece(stop.rest(text), ids[sent_ids:], finish_reason=finish)
+        return alone(self.batch, request)
 
     def close(self) -> None:
         self.peft = None
         self.base = None
-
-
-def _complete(text: str) -> str:
-    """The text without a trailing incomplete UTF-8 sequence (decoded as up to 3 U+FFFD), which
-    the next token may complete; longer runs of U+FFFD are the model's own and go out."""
-    tail = len(text) - len(text.rstrip("\ufffd"))
-    return text[: len(text) - min(tail, 3)]
-
-
-def _pick(logits, temperature: float, top_p: float, gen) -> int:
-    """Greedy at temperature 0; else a sample from the top-p nucleus of the tempered softmax.
-
-    In float64, with the best logit subtracted before dividing by the temperature: a
-    temperature of 1e-300 then gives -inf to every other token (greedy in effect) instead of
-    inf/inf = NaN, and the nucleus always keeps its first token, even for a top_p of 1e-300
-    (which float32 rounds to 0). Scores that are NaN or inf (an adapter scaled far beyond its
-    training) are the request's to fix, so a ``UserError``.
-    """
-    import torch
-
-    scores = logits.double().cpu()
-    if not bool(torch.isfinite(scores).all()):
-        raise UserError(
-            "the model's next-token scores are not finite (NaN or inf) with this adapter set; "
-            "lower the adapter scales (POST /lora-adapters) or send the request to the base model"
-        )
-    if temperature == 0:
-        return int(scores.argmax())
-    probs = torch.softmax((scores - scores.max()) / temperature, dim=-1)
-    if top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest prefix reaching top_p ...
-        keep[0] = True  # ... and at least one token
-        sorted_p[~keep] = 0
-        return int(order[torch.multinomial(sorted_p, 1, generator=gen)])
-    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 @SERVERS.register("hf", HfSpec)
@@ -266,6 +155,7 @@ def build_hf(spec: HfSpec, *, source: BackendSource, adapters: dict[str, Found])
         quant_spec=source.quantization,
         **load_arguments(adapters),
     )
+    backend.template = source.template
     return Opened(backend, active)
 
 
@@ -316,7 +206,13 @@ def load_hf(
     # As the export does it: a quantized base is built as trained, then de-quantized.
     model, tokenizer = load_base(model_spec, quant_spec)
     backend = HfBackend(
-        model.to(device), tokenizer, model_id=display_name(model_spec), context_length=spec.context_length, device=device
+        model.to(device),
+        tokenizer,
+        model_id=display_name(model_spec),
+        context_length=spec.context_length,
+        device=device,
+        max_batch=spec.max_batch,
+        prefill_chunk=spec.prefill_chunk,
     )
     for name, path in (adapter_paths or {}).items():
         backend.load_adapter(name, path, **(run_info or {}).get(name, {}))

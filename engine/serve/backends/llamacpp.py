@@ -3,19 +3,14 @@
 Why the low-level adapter API: ``Llama(lora_path=...)`` fixes one adapter for the life of the
 model. Here every adapter file is loaded once (``llama_adapter_lora_init``) and a request's
 set -- one adapter, a blend of several with scales, or none -- is put on the context with
-``llama_set_adapters_lora`` before its first token, so switching costs no reload of the base.
+``llama_set_adapters_lora`` before the decodes of its sequences, so switching costs no reload
+of the base.
 
-Why the prefix cache is reset on a switch: the high-level ``Llama.generate`` reuses the
-longest cached prefix of the previous prompt, and those keys/values were computed under the
-previous adapter set. Reusing them would mix two adapters in one response.
-
-Why a reproducible request (a seed, or temperature 0) starts from an empty cache: llama.cpp's
-numbers depend on how a prompt was batched. With the prefix cached, only the prompt's last
-token is decoded (a batch of one) and its logits differ slightly from the whole prompt's batch;
-at temperature 0.9 with a fixed seed, 3 of 12 SmolLM2 prompts sampled another answer when
-asked twice in a row, and 1 of 12 greedy answers changed. So such requests evaluate the whole
-prompt every time (SmolLM2 Q4_1, 2 threads: ~200 prompt tokens/s); unseeded sampling, random
-anyway, keeps reusing the cached prefix.
+Generation is continuous batching (engine/serve/backends/llamacpp_batch.py): one llama.cpp
+context holds up to ``serve.max_batch`` sequences, each with its own KV cells, sampler and
+adapter set; ``generate`` runs one request through that batch alone. Every request evaluates
+its whole prompt in its own KV sequence, so its answer never depends on what ran before (the
+serial backend's prefix-cache reuse is gone; see that module).
 
 Why token ids, not text: the chat template is rendered here (sandboxed jinja, the GGUF's own
 ``tokenizer.chat_template``) and tokenized with special tokens parsed; the ids go to
@@ -25,9 +20,7 @@ Why token ids, not text: the chat template is rendered here (sandboxed jinja, th
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import ctypes
 import json
 import os
 from collections.abc import Iterator
@@ -47,10 +40,12 @@ from engine.serve.backend import (
     Opened,
     Piece,
     TokenFloor,
-    check_ids,
 )
+from engine.serve.backends.llamacpp_batch import LlamaCppBatch, token_bytes
 
 GGUF_MAGIC = b"GGUF"
+_HOLDER_CTX = 256
+"""Context of the ``Llama`` that holds the model: nothing decodes there (llama.cpp pads smaller ones to 256)."""
 
 
 class LlamaCppSpec(ServeSpec):
@@ -82,6 +77,7 @@ def build_llamacpp(spec: LlamaCppSpec, *, source: BackendSource, adapters: dict[
         gguf_path=gguf,
         **load_arguments(adapters),
     )
+    backend.template = source.template
     return Opened(backend, active)
 
 
@@ -137,7 +133,7 @@ def load_llamacpp(
     """A GGUF base through llama-cpp-python with these GGUF LoRA adapters loaded (none active).
 
     Args:
-        spec: the serve group's llamacpp preset (context length, threads).
+        spec: the serve group's llamacpp preset (context length, threads, max_batch, prefill_chunk).
         model_spec: the model group's spec; its packaged GGUF is the base when neither
             ``gguf_path`` nor ``spec.gguf`` names one (the offline default, SmolLM2 Q4_1).
         gguf_path: the base GGUF, already resolved by the caller (a run's export, say).
@@ -146,7 +142,13 @@ def load_llamacpp(
             entry gets them from the run dir it lies in (the nearest parent with config.yaml).
     """
     base = _base_path(spec, model_spec, gguf_path)
-    backend = LlamaCppBackend(base, context_length=spec.context_length, threads=spec.threads or os.cpu_count() or 1)
+    backend = LlamaCppBackend(
+        base,
+        context_length=spec.context_length,
+        threads=spec.threads or os.cpu_count() or 1,
+        max_batch=spec.max_batch,
+        prefill_chunk=spec.prefill_chunk,
+    )
     try:
         for name, path in (adapter_paths or {}).items():
             info = (run_info or {}).get(name) or {}
@@ -182,14 +184,17 @@ class _Adapter:
 
 
 class LlamaCppBackend:
-    """One ``llama_cpp.Llama`` (loaded once) and its LoRA adapters; see the module doc for why.
+    """One ``llama_cpp.Llama`` (loaded once), its LoRA adapters and its batch; see the module doc.
 
-    Not thread-safe by design: the app runs one generation at a time per backend. A generation
-    that is still open when another starts stops at its next token instead of reading a
-    context the newer one changed.
+    ``self._llm`` holds the model, its vocabulary and metadata (tokenizing, the chat template);
+    its own one-sequence context is left at the smallest size, since every decode runs in
+    ``self.batch``'s context. Not thread-safe by design: one thread drives the batch (the
+    server's scheduler, or ``generate``). A ``generate`` still open when another starts ends
+    with an error at its next step instead of silently losing the pieces the newer one's steps
+    made for it.
     """
 
-    def __init__(self, path: Path, *, context_length: int, threads: int):
+    def __init__(self, path: Path, *, context_length: int, threads: int, max_batch: int = 1, prefill_chunk: int = 256):
         check_llama_cpp()  # a build that crashes at its first decode is refused with the fix, not a SIGSEGV
         import llama_cpp
 
@@ -197,7 +202,8 @@ class LlamaCppBackend:
         try:
             self._llm = llama_cpp.Llama(
                 str(path),
-                n_ctx=context_length,
+                n_ctx=_HOLDER_CTX,
+                n_batch=_HOLDER_CTX,
                 n_threads=threads,
                 n_threads_batch=threads,
                 logits_all=False,
@@ -212,9 +218,21 @@ class LlamaCppBackend:
         self.model_id = path.stem
         self.context_length = context_length
         self._adapters: dict[str, _Adapter] = {}
-        self._active: tuple[tuple[str, float], ...] = ()
-        self._generation = 0
-        """Counts generations started; an older one still open stops (see the class doc)."""
+        try:
+            self.batch = LlamaCppBatch(
+                self._llm,
+                size=max_batch,
+                prefill_chunk=prefill_chunk,
+                context_length=context_length,
+                threads=threads,
+                adapters=self._adapters,
+            )
+        except BaseException:
+            self._llm.close()
+            self._llm = None
+            raise
+        self._alone: set[int] = set()
+        """Slots of ``generate`` calls still open (a newer one ends them; see the class doc)."""
 
     # --- text -> ids -----------------------------------------------------------------
 
@@ -242,43 +260,44 @@ class LlamaCppBackend:
                 longest = max(longest, len(self._piece(token)))
         return TokenFloor(specials, longest, in_bytes=True)
 
-    def render_chat(self, messages: list[dict], *, limit: int | None = None) -> list[int]:
-        """The GGUF's own chat template, sandboxed, with the assistant turn opened; then its ids."""
-        from jinja2.exceptions import SecurityError, TemplateError
+    template: str | None = None
+    """The chat template the served run trained with (``BackendSource.template``); None: the GGUF's own."""
 
-        template = self._template
+    def render_chat(self, messages: list[dict], *, limit: int | None = None) -> list[int]:
+        """The run's template (else the GGUF's) through engine's one renderer, with the file's BOS/EOS
+        texts and the assistant turn opened; then its ids (engine.data.templates.render)."""
+        from jinja2.exceptions import TemplateError
+
+        from engine.data.templates import TemplateStopped, render
+
+        source = self._template
         try:
-            text = template.render(
-                messages=messages,
-                add_generation_prompt=True,
-                bos_token=self._special_text("bos"),
-                eos_token=self._special_text("eos"),
-            )
-        except SecurityError as e:
-            raise UserError(f"chat template of {self.model_id} was stopped by the sandbox: {e}") from None
+            bos, eos = self._special_text("bos"), self._special_text("eos")
+            text = render(source, messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
         except (TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
             raise UserError(f"chat template of {self.model_id} refused these messages: {e}") from None
+        except TemplateStopped as e:  # engine.data.templates says what was reached for
+            raise UserError(f"chat template of {self.model_id} was stopped by the sandbox: {e.reason}") from None
         return self.tokenize(text, limit=limit)
 
     @cached_property
-    def _template(self):
-        import jinja2.ext
+    def _template(self) -> str:
+        """The template source, compiled once to say early if it cannot be (the renderer caches it)."""
         from jinja2.exceptions import TemplateSyntaxError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        source = self._model().metadata.get("tokenizer.chat_template")
+        from engine.data.templates import compiled
+
+        source = self.template or self._model().metadata.get("tokenizer.chat_template")
         if not source:
             raise UserError(
                 f"{self.model_id} carries no chat template (GGUF key tokenizer.chat_template); use /v1/completions "
                 "with your own prompt text, or serve a GGUF exported by export_gguf (it embeds the training template)"
             )
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-        env.globals["raise_exception"] = _raise_exception
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
         try:
-            return env.from_string(source)
+            compiled(source)
         except TemplateSyntaxError as e:
             raise UserError(f"chat template of {self.model_id} does not compile (line {e.lineno}: {e.message})") from None
+        return source
 
     def _special_text(self, which: str) -> str:
         """The text of the file's BOS/EOS token; empty when the file names none.
@@ -293,96 +312,27 @@ class LlamaCppBackend:
     # --- generation ------------------------------------------------------------------
 
     def generate(self, request: GenerateRequest) -> Iterator[Piece]:
-        """Stream pieces of text; see ``_stream`` for stop strings, UTF-8 and finish reasons.
+        """One request through ``self.batch`` alone (``engine.serve.batch.alone``).
 
-        The checks run on the call, so a bad request (unknown adapter, prompt past the context)
-        fails before anything streams. The adapter set goes on the context when the first piece
-        is asked for -- in the worker that runs the generation -- and stays for the whole response.
+        The checks run on the call (``batch.add``), so a bad request (unknown adapter, prompt
+        past the context) fails before anything streams. Stop strings, UTF-8 and finish reasons:
+        engine/serve/backends/llamacpp_batch.py. A ``generate`` of this backend still open ends
+        with an error at its next piece (the class doc says why).
         """
+        from engine.serve.batch import alone
+
         self._model()  # closed: fail on the call
-        prompt = list(request.prompt_ids)
-        if not prompt:
-            raise UserError("the prompt is empty; llama.cpp needs at least one token to continue from")
-        check_ids(prompt, self._model().n_vocab())  # llama_decode would fail on them (a -1, not a message)
-        room = self.context_length - len(prompt)
-        if room <= 0:
-            n, ctx = len(prompt), self.context_length
-            raise UserError(f"the prompt has {n} tokens; the context holds {ctx} (serve.context_length)")
-        wanted = self._adapter_set(request.adapters)
-        return self._stream(prompt, request, wanted, min(request.max_tokens, room))
-
-    def _stream(
-        self, prompt: list[int], request: GenerateRequest, wanted: tuple[tuple[str, float], ...], budget: int
-    ) -> Iterator[Piece]:
-        """Tokens until EOS (``stop``), a stop string (``stop``) or the budget (``length``).
-
-        Text is decoded from each token's bytes with an incremental UTF-8 decoder, so a
-        character split over two tokens comes out whole. A tail that could still become a
-        stop string is held back; text past a stop string is never emitted. ``token_ids`` of
-        all pieces together are the generated tokens (EOS excluded).
-        """
-        import llama_cpp
-
-        llm = self._model()
-        self._activate(wanted)
-        self._generation += 1
-        generation = self._generation
-        # llama.cpp's seed is 32 bits and 0xFFFFFFFF means "a random one": fold int64 seeds below it.
-        llm.set_seed(request.seed % 0xFFFFFFFF if request.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
-        greedy = request.temperature == 0
-        if greedy or request.seed is not None:
-            llm.reset()  # reproducible: the whole prompt is evaluated, whatever is cached (module doc)
-        tokens = llm.generate(
-            prompt,
-            temp=0.0 if greedy else request.temperature,
-            top_p=1.0 if greedy else request.top_p,
-            top_k=0,  # OpenAI semantics: temperature and top_p only (0 disables top-k, min-p, typical)
-            min_p=0.0,
-            typical_p=1.0,
-            repeat_penalty=1.0,
-            reset=True,
-        )
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending, ids, finish = "", [], "length"  # decoded text not yet sent, and its token ids
-        vocab = llm._model.vocab
-        try:
-            for n, token in enumerate(tokens, start=1):
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                ids.append(int(token))
-                pending += decoder.decode(self._piece(token))
-                cut, hit = stop_cut(pending, 0, request.stop)
-                if hit:
-                    yield Piece(pending[:cut], ids, "stop")
-                    return
-                if cut > 0:
-                    yield Piece(pending[:cut], ids)
-                    pending, ids = pending[cut:], []
-                if n >= budget:
-                    break
-                if self._llm is None:
-                    raise RuntimeError("the llama.cpp backend was closed during a generation")
-                if generation != self._generation:
-                    raise RuntimeError("another generation started on this llama.cpp backend before this one finished")
-        finally:
-            tokens.close()
-        pending += decoder.decode(b"", final=True)
-        cut, hit = stop_cut(pending, 0, request.stop)
-        yield Piece(pending[:cut] if hit else pending, ids, "stop" if hit else finish)
+        for slot in self._alone:
+            self.batch.fail(slot, RuntimeError("another generation started on this llama.cpp backend before this one finished"))
+        self._alone.clear()
+        before = set(self.batch.live())
+        pieces = alone(self.batch, request)
+        self._alone.update(set(self.batch.live()) - before)
+        return pieces
 
     def _piece(self, token: int) -> bytes:
-        """The token's bytes (special tokens as nothing), growing the buffer for long pieces."""
-        import llama_cpp
-
-        vocab = self._model()._model.vocab
-        size = 64
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
-            if n >= 0:
-                return buf.raw[:n]
-            size = -n
+        """The token's bytes (special tokens as nothing)."""
+        return token_bytes(self._lib, self._model()._model.vocab, token)
 
     # --- adapters --------------------------------------------------------------------
 
@@ -418,34 +368,6 @@ class LlamaCppBackend:
     def adapters(self) -> list[AdapterInfo]:
         return [a.info for a in self._adapters.values()]
 
-    def _adapter_set(self, adapters: tuple[AdapterScale, ...]) -> tuple[tuple[str, float], ...]:
-        """A request's set as (name, scale) pairs, checked; a zero scale is left out (it is the base, exactly)."""
-        wanted: list[tuple[str, float]] = []
-        for a in adapters:
-            if a.name not in self._adapters:
-                have = ", ".join(self._adapters) or "none loaded"
-                raise UserError(f"adapter '{a.name}' is not loaded (loaded: {have})")
-            if any(a.name == n for n, _ in wanted):
-                raise UserError(f"adapter '{a.name}' is named twice in one set; give it once with the sum of its scales")
-            if a.scale != 0:
-                wanted.append((a.name, float(a.scale)))
-        return tuple(wanted)
-
-    def _activate(self, wanted: tuple[tuple[str, float], ...]) -> None:
-        """Put a set on the context when it differs from the last one, and drop the prefix cache."""
-        import llama_cpp
-
-        if wanted == self._active:
-            return
-        llm = self._model()
-        n = len(wanted)
-        handles = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*(self._adapters[name].handle for name, _ in wanted))
-        scales = (ctypes.c_float * n)(*(scale for _, scale in wanted))
-        if llama_cpp.llama_set_adapters_lora(llm.ctx, handles, n, scales) != 0:
-            raise UserError(f"llama.cpp refused the adapter set {wanted}")
-        self._active = wanted
-        llm.reset()  # the cached prefix was computed under the previous set: never reuse it
-
     # --- lifetime --------------------------------------------------------------------
 
     def _model(self):
@@ -454,18 +376,20 @@ class LlamaCppBackend:
         return self._llm
 
     def close(self) -> None:
-        """Detach and free every adapter, then the model (an adapter freed after its model is a use-after-free)."""
+        """Free the batch (samplers, then its context, which holds the adapter set), then every
+        adapter, then the model: each before what it points into (an adapter freed after its
+        model, or a context after its adapters, is a use-after-free)."""
         llm, self._llm = getattr(self, "_llm", None), None
         if llm is None:
             return
         llama_cpp = self._lib  # not imported here: at interpreter exit imports fail
 
-        if self._adapters:
-            llama_cpp.llama_set_adapters_lora(llm.ctx, None, 0, None)
-            for adapter in self._adapters.values():
-                llama_cpp.llama_adapter_lora_free(adapter.handle)
-            self._adapters.clear()
-        self._active = ()
+        batch = getattr(self, "batch", None)
+        if batch is not None:
+            batch.close()
+        for adapter in self._adapters.values():
+            llama_cpp.llama_adapter_lora_free(adapter.handle)
+        self._adapters.clear()
         llm.close()
 
     def __del__(self):
@@ -474,30 +398,6 @@ class LlamaCppBackend:
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def stop_cut(text: str, start: int, stops: tuple[str, ...]) -> tuple[int, bool]:
-    """How much of ``text`` may be emitted, and whether a stop string was reached.
-
-    ``text[:start]`` is already out. With a stop string in ``text[start:]``: (its first
-    position, True). Otherwise everything but the longest tail that is a proper prefix of
-    some stop string (it may complete with the next token): (that cut, False).
-    """
-    found = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
-    if found:
-        return min(found), True
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text) - start), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    return len(text) - hold, False
-
-
-def _raise_exception(message: str):
-    """What chat templates call to refuse a conversation (``raise_exception('...')``)."""
-    raise ValueError(message)
 
 
 def _check_gguf_file(path: Path, what: str) -> None:
