@@ -15,6 +15,7 @@ then truncated at ``data.max_length`` tokens and counted, like any other long ex
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -85,7 +86,7 @@ def iter_rows(path: str, key: str = "data.path") -> Iterator[dict | BadRow | Lin
         yield from _read(path, key, limit=None)  # whole: a hub or save_to_disk set is memory-mapped already
         return
     n = 0
-    try:
+    with _reading(p, suffix, key):
         if suffix == ".jsonl":
             rows = _jsonl_lines(p, key)
         elif suffix == ".parquet":
@@ -95,6 +96,16 @@ def iter_rows(path: str, key: str = "data.path") -> Iterator[dict | BadRow | Lin
         for row in rows:
             n += 1
             yield row
+    if not n:
+        raise DataError(_empty(p, key))
+
+
+@contextlib.contextmanager
+def _reading(p: Path, suffix: str, key: str):
+    """A file that cannot be read, or a corrupt Parquet file, as a ``DataError`` naming the key and file
+    (one place for the whole-file and the row-at-a-time readers)."""
+    try:
+        yield
     except OSError as e:
         raise DataError(f"{key}: cannot read {p}: {e}") from None
     except DataError:
@@ -103,8 +114,6 @@ def iter_rows(path: str, key: str = "data.path") -> Iterator[dict | BadRow | Lin
         if suffix == ".parquet":
             raise DataError(f"{key}: {p} is not a readable Parquet file: {e}") from None
         raise
-    if not n:
-        raise DataError(_empty(p, key))
 
 
 def _parquet_rows(p: Path, batch: int = 1024) -> Iterator[dict]:
@@ -128,14 +137,8 @@ def _read(path: str, key: str, limit: int | None) -> list[dict | BadRow]:
     suffix = p.suffix.lower()
     if suffix not in FILE_TYPES:
         raise DataError(f"{key}: unsupported file type '{suffix}' ({p}); use one of {', '.join(FILE_TYPES)}")
-    try:
+    with _reading(p, suffix, key):
         rows = _read_file(p, suffix, key, limit)
-    except OSError as e:
-        raise DataError(f"{key}: cannot read {p}: {e}") from None
-    except Exception as e:  # pyarrow raises its own types for a corrupt file
-        if suffix == ".parquet":
-            raise DataError(f"{key}: {p} is not a readable Parquet file: {e}") from None
-        raise
     if not rows:
         raise DataError(_empty(p, key))
     return rows

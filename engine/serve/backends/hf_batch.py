@@ -194,16 +194,14 @@ class HfBatch:
         model = backend.peft or backend.base
         if backend.peft is None:
             return model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kw)
+        from engine.adapter import set_scales
+
         if how == MIXED:
             if self._scaled:  # a blend lane scaled some adapters: back to as trained
-                from engine.adapter import set_scales
-
                 set_scales(backend.peft, dict.fromkeys(backend._internal.values(), 1.0))
                 self._scaled = False
             names = [backend._internal[s.request.adapters[0].name] if s.request.adapters else "__base__" for s in rows]
             return model(input_ids=input_ids, use_cache=True, logits_to_keep=1, adapter_names=names, **kw)
-        from engine.adapter import set_scales
-
         names = [backend._internal[name] for name, _ in how[1]]
         backend.peft.base_model.set_adapter(names, inference_mode=True)
         set_scales(backend.peft, {backend._internal[name]: scale for name, scale in how[1]})
