@@ -117,6 +117,23 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory) -> Path:
+    """$ENGINE_CACHE for the whole session: a fresh data cache, removed with the session's tmp dirs,
+    so tests never fill the user's ~/.cache/engine/data; converted models and build checks stay
+    shared with the user's cache (linked), as converting again would only cost time."""
+    from engine.files import cache_root
+
+    real = cache_root()
+    root = tmp_path_factory.mktemp("engine_cache")
+    for kept in ("models", "native"):
+        (real / kept).mkdir(parents=True, exist_ok=True)
+        (root / kept).symlink_to(real / kept, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGINE_CACHE", str(root))
+        yield root
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"

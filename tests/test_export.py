@@ -424,6 +424,11 @@ def test_eval_run_dir_takes_a_layered_run_with_its_levels_and_scales(layered_run
     cfg = compose([*EXPORT_RUN, f"eval.run_dir={layered_run}", "stages=[prepare_data,merge,export_gguf,check_export]"])
     assert cfg.adapter.kind == "layered" and cfg.adapter.scales == [1.0, 0.5]
     assert cfg.evaluated_run.adapter_dir == layered_run.resolve() / "adapter"
+    # The run recorded the template it trained with, as a plain run does (what merge and serving render with).
+    from engine.data.templates import recorded_template
+
+    recorded = recorded_template(layered_run)
+    assert recorded and recorded == (layered_run / "levels" / "level_2" / "adapter" / "chat_template.jinja").read_text()
     # The run's model (what evaluate and check_export's data preparation load): both levels active, level 2 at 0.5.
     from peft.tuners.lora import LoraLayer
 

@@ -7,7 +7,8 @@ set). Workers return Arrow record batches that are appended to one temporary Arr
 What needs every row (duplicates within a file, the seeded split, duplicates across splits,
 rows with no answer left) is decided afterwards from the stored digests and counts, in the
 same order and with the same reasons as the in-memory path (``engine.data.rules``).
-Each split is then written with ``datasets``' ``save_to_disk`` (memory-mapped Arrow).
+The Arrow file is the entry's data as written (memory-mapped when read); each split is its
+row numbers in seeded order (``<split>.npy``), so no row is written twice.
 
 Workers are forked (they inherit the tokenizer; nothing is pickled but rows and results).
 """
@@ -21,7 +22,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -74,9 +74,6 @@ SCHEMA = pa.schema(
         ("cut", pa.int8()),
     ]
 )
-WORK_COLUMNS = ("src", "row", "key", "order", "pair", "n_labels", "r_n_labels", "cut")
-"""Columns only the build reads; the stored splits keep the rest."""
-PAIR_COLUMNS = ("r_messages", "r_input_ids", "r_labels", "r_n_tokens")
 
 
 @dataclass(frozen=True)
@@ -107,10 +104,12 @@ class Built:
     """{"src", "row", "reason", "detail", "data"} in the in-memory path's order."""
     seconds: float
     processes: int
+    pairs: bool
+    """Preference pairs (the rejected columns are filled)."""
 
 
 def build(spec: DataSpec, tokenizer, *, seed: int, source: str, out: Path, num_proc: int) -> Built:
-    """Read, shape, tokenize, dedupe and split ``spec``'s files into ``out`` (train/, validation/, test/)."""
+    """Read, shape, tokenize, dedupe and split ``spec``'s files into ``out``: rows.arrow, each split's rows in <split>.npy."""
     t0 = time.perf_counter()
     global _JOB
     _JOB = (spec, tokenizer, source, seed)
@@ -146,28 +145,10 @@ def build(spec: DataSpec, tokenizer, *, seed: int, source: str, out: Path, num_p
         "train_label_tokens": int(n_labels[train].sum() + r_labels[train].sum()),
         "train_sequences": len(train) * (2 if pairs else 1),
     }
-    drop = [*WORK_COLUMNS, *(() if pairs else PAIR_COLUMNS)]
-    with _quiet():
-        for name, indices in splits.items():
-            if len(indices):  # an empty split has no folder (datasets cannot map zero shards)
-                rows.select(indices).remove_columns(drop).save_to_disk(str(out / name))
+    for name, indices in splits.items():
+        np.save(out / f"{name}.npy", indices)
     del rows, table
-    rows_path.unlink()
-    return Built(counts, rejects, round(time.perf_counter() - t0, 2), used[0])
-
-
-@contextmanager
-def _quiet():
-    """No "Saving the dataset" progress bars: prepare_data prints its own line."""
-    from datasets.utils import logging as ds_logging
-
-    was = ds_logging.is_progress_bar_enabled()
-    ds_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            ds_logging.enable_progress_bar()
+    return Built(counts, rejects, round(time.perf_counter() - t0, 2), used[0], pairs)
 
 
 # ---------------------------------------------------------------- reading, in batches
@@ -253,33 +234,39 @@ def _work(task) -> tuple[pa.RecordBatch, list]:
         source, [p.chosen_messages for p in pairs] + [p.rejected_messages for p in pairs], tokenizer, spec.max_length, False, True
     )
     chosen, rejected = iter(both[: len(pairs)]), iter(both[len(pairs) :])
-    cols: dict[str, list] = {name: [] for name in SCHEMA.names}
+    values = []
     for i, msgs in ok:
-        key = dedupe_key(msgs)
-        pair = isinstance(msgs, Pair)
-        ids, labels, cut = next(chosen) if pair else next(encoded)
-        r_ids, r_labels, r_cut = next(rejected) if pair else (None, None, 0)
-        values = {
-            "src": src,
-            "row": i,
-            "key": hashlib.sha256(key.encode()).digest()[:16],
-            "order": bytes.fromhex(split_order(seed, key)),
-            "messages": _json(msgs.chosen_messages if pair else msgs),
-            "pair": _json(msgs.as_dict()) if pair else None,
-            "input_ids": ids,
-            "labels": labels,
-            "r_messages": _json(msgs.rejected_messages) if pair else None,
-            "r_input_ids": r_ids,
-            "r_labels": r_labels,
-            "n_tokens": len(ids),
-            "r_n_tokens": len(r_ids) if pair else 0,
-            "n_labels": _labelled(labels),
-            "r_n_labels": _labelled(r_labels) if pair else 0,
-            "cut": int(cut or r_cut),
-        }
-        for name, v in values.items():
-            cols[name].append(v)
-    return pa.RecordBatch.from_pydict(cols, schema=SCHEMA), failed
+        if isinstance(msgs, Pair):
+            values.append(_pair_values(src, i, msgs, seed, next(chosen), next(rejected)))
+        else:
+            values.append(_values(src, i, msgs, seed, next(encoded)))
+    columns = zip(*values, strict=True) if values else ([] for _ in SCHEMA)
+    arrays = [pa.array(list(column), type=field.type) for column, field in zip(columns, SCHEMA, strict=True)]
+    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA), failed
+
+
+def _values(src: int, i: int, msgs: list[dict], seed: int, encoded: tuple) -> tuple:
+    """One conversation's row, in ``SCHEMA``'s column order."""
+    ids, labels, cut = encoded
+    key = dedupe_key(msgs)
+    digest, order = _digests(seed, key)
+    return (src, i, digest, order, _json(msgs), None, ids, labels, None, None, None, len(ids), 0, _labelled(labels), 0, cut)
+
+
+def _pair_values(src: int, i: int, pair: Pair, seed: int, chosen: tuple, rejected: tuple) -> tuple:
+    """One preference pair's row, in ``SCHEMA``'s column order."""
+    (ids, labels, cut), (r_ids, r_labels, r_cut) = chosen, rejected
+    digest, order = _digests(seed, dedupe_key(pair))
+    return (
+        *(src, i, digest, order, _json(pair.chosen_messages), _json(pair.as_dict()), ids, labels),
+        *(_json(pair.rejected_messages), r_ids, r_labels, len(ids), len(r_ids), _labelled(labels), _labelled(r_labels)),
+        int(cut or r_cut),
+    )
+
+
+def _digests(seed: int, key: str) -> tuple[bytes, bytes]:
+    """The dedupe digest and the split position of an example's content key."""
+    return hashlib.sha256(key.encode()).digest()[:16], bytes.fromhex(split_order(seed, key))
 
 
 def _json(value) -> str:

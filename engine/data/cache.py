@@ -1,8 +1,9 @@
 """The prepared-data cache: one entry per key, shared by every run, resume and sweep job.
 
-Where: ``$ENGINE_CACHE/data/<key>/`` (default ``~/.cache/engine/data``). An entry holds each
-split as a ``datasets`` save_to_disk folder (memory-mapped Arrow), the rejected rows with
-their reasons (so every run still writes its rejected.jsonl) and meta.json (the counts).
+Where: ``$ENGINE_CACHE/data/<key>/`` (default ``~/.cache/engine/data``). An entry holds the
+prepared rows as one Arrow file (memory-mapped when read), each split as its row numbers
+(``train.npy`` ...), the rejected rows with their reasons (so every run still writes its
+rejected.jsonl) and meta.json (the counts).
 
 The key is a hash of everything that changes the prepared examples (docs/data.md):
 - each data file's real path, size and modification time (not its content: hashing a
@@ -29,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-from engine.data.build import build, sources
+from engine.data.build import ROWS_FILE, build, sources
 from engine.data.example import DataBundle
 from engine.data.rules import SPLITS, Rejects, batching_of, data_metrics, no_usable, write_rejected
 from engine.data.spec import DataSpec, DocumentsSpec
@@ -39,7 +40,7 @@ from engine.runs import alive
 
 META = "meta.json"
 REJECTED = "rejected.jsonl"
-FORMAT = 1
+FORMAT = 2
 """Bump when the layout of an entry changes."""
 NOT_KEYED = ("path", "validation_path", "test_path", "seed", "preview", "num_proc", "cache", "packing", "group_by_length")
 """Spec keys left out of the key: paths are fingerprinted instead, the seed is the split seed's."""
@@ -118,14 +119,22 @@ def prepare_cached(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | None
         rejected = _read_rejected(entry, names)
         if rejected:
             write_rejected(rejected, run_dir)
-    from datasets import load_from_disk
-
-    from engine.data.stored import StoredSplit
-
-    splits = {name: StoredSplit(load_from_disk(str(entry / name))) if (entry / name).is_dir() else [] for name in SPLITS}
+    splits = _splits(entry, pairs=meta["pairs"])
     metrics = data_metrics(spec, templated=bool(source), rejects=meta["rejected_by_reason"], **meta["counts"])
     metrics |= {"cache_key": key, "cache_hit": hit, "prepare_seconds": round(time.perf_counter() - t0, 2)}
     return DataBundle(splits, source or (tokenizer.chat_template or ""), metrics, batching_of(spec))
+
+
+def _splits(entry: Path, *, pairs: bool) -> dict:
+    """Each split of an entry, memory-mapped (an empty split is an empty list)."""
+    import numpy as np
+    from datasets import Dataset
+
+    from engine.data.stored import StoredSplit
+
+    rows = Dataset.from_file(str(entry / ROWS_FILE))
+    indices = {name: np.load(entry / f"{name}.npy") for name in SPLITS}
+    return {name: StoredSplit(rows, idx, pairs=pairs) if len(idx) else [] for name, idx in indices.items()}
 
 
 def _prepare_entry(spec: DataSpec, tokenizer, *, seed: int, source: str, entry: Path, run_dir: Path | None) -> None:
@@ -152,7 +161,7 @@ def _prepare_entry(spec: DataSpec, tokenizer, *, seed: int, source: str, entry: 
         for r in built.rejects:
             by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
         meta = {"key": entry.name, "format": FORMAT, "counts": built.counts, "rejected_by_reason": by_reason}
-        meta |= {"seconds": built.seconds, "processes": built.processes}
+        meta |= {"pairs": built.pairs, "seconds": built.seconds, "processes": built.processes}
         write_text_atomic(tmp / META, json.dumps(meta, indent=1))
         try:
             os.replace(tmp, entry)

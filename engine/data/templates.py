@@ -245,11 +245,13 @@ def render_with_spans(source: str, messages: list[Message], tokenizer=None) -> t
     """
     text = render(source, messages, add_generation_prompt=False, tokenizer=tokenizer)
     spans = []
+    last = len(messages) - 1
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         prefix = render(source, messages[:i], add_generation_prompt=True, tokenizer=tokenizer)
-        upto = render(source, messages[: i + 1], add_generation_prompt=False, tokenizer=tokenizer)
+        # The last turn's text up to its end is the whole text: not rendered twice (a third of the renders of a Q&A row).
+        upto = text if i == last else render(source, messages[: i + 1], add_generation_prompt=False, tokenizer=tokenizer)
         if not text.startswith(upto) or not upto.startswith(prefix):
             raise ConfigError(
                 "data.template: the template does not render conversations incrementally (a turn changes the "

@@ -8,7 +8,7 @@ evaluation, retrieval prompts) and the preparation workers share exactly this co
 
 from __future__ import annotations
 
-import numpy as np
+from bisect import bisect_left
 
 from engine.data.example import IGNORE, Example
 from engine.data.shapes import TEXT_ROLE, Pair
@@ -47,16 +47,25 @@ def encode_many(
     if chat:
         ids_list, offsets_list = _encode_with_offsets(tokenizer, [t for _, t, _ in chat])
         for (k, _, spans), ids, offsets in zip(chat, ids_list, offsets_list, strict=True):
-            if train_on_prompt:
-                labels = list(ids)
-            else:
-                starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
-                inside = np.zeros(len(ids), dtype=bool)
-                for s, e in spans:
-                    inside |= (starts >= s) & (starts < e)
-                labels = np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
-            out[k] = _cut(ids, labels, max_length)
+            out[k] = _cut(ids, list(ids) if train_on_prompt else _span_labels(ids, offsets, spans), max_length)
     return out
+
+
+def _span_labels(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's id where it starts inside an assistant span, else IGNORE.
+
+    A tokenizer's offsets run left to right through the text, so the tokens starting inside a span
+    are one run, found by bisection (no per-token Python loop over a long row).
+    """
+    labels = [IGNORE] * len(ids)
+    for s, e in spans:
+        a, b = bisect_left(offsets, s, key=_start), bisect_left(offsets, e, key=_start)
+        labels[a:b] = ids[a:b]
+    return labels
+
+
+def _start(offset: tuple[int, int]) -> int:
+    return offset[0]
 
 
 def _encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
