@@ -14,7 +14,8 @@ Cases (each a fresh process, as a user runs it; files under --work, default /tmp
   engine's renderer and tokenizer (``engine.data.tokens.encode_many``), nothing else (no
   normalisation, dedupe, split or reports): rows/s of the load + map.
 - ``second``: the same command with ``stages=[prepare_data,train] train.max_steps=1`` on the warm
-  cache: seconds from the command to the first training step, and whether anything was prepared.
+  cache: seconds from the command to the training loop's start (its first step begins) and to the
+  end of that step, and whether anything was prepared.
 - ``train_rss``: peak RSS of ``train.max_steps=2`` on 1,000 rows vs on --rows rows (both cached).
 - ``stream``: ``data.streaming=true train.max_steps=3`` on JSONL files of each --stream-gb size:
   peak RSS (independent of the file's size).
@@ -47,7 +48,10 @@ WORDS = (
     "the a of and to in is that for with as on by from at which be this are its can more"
 ).split()
 PREPARED = re.compile(r"prepared (\d+) rows in ([\d.]+) s \((\d+) rows/s, (\d+) processes\)")
+LOOP_START = re.compile(rb"train:[^\r\n]*\b0/\d")
+"""The training loop's first progress line: the first step starts (its data, model and optimizer are ready)."""
 FIRST_STEP = re.compile(rb"train:[^\r\n]*\b1/\d")
+"""The first step done (forward, backward and optimizer step of its batch)."""
 
 
 def generate(path: Path, rows: int, seed: int = 0) -> Path:
@@ -94,6 +98,7 @@ def measured(cmd: list[str], env: dict, timeout: float = 7200) -> dict:
     proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     peak = [0]
     first_step: list[float] = []
+    loop_start: list[float] = []
     err = bytearray()
 
     def sample():
@@ -109,6 +114,8 @@ def measured(cmd: list[str], env: dict, timeout: float = 7200) -> dict:
     def read_err():
         for chunk in iter(lambda: proc.stderr.read1(4096), b""):
             err.extend(chunk)
+            if not loop_start and LOOP_START.search(err[-8192:]):
+                loop_start.append(time.perf_counter() - t0)
             if not first_step and FIRST_STEP.search(err[-8192:]):
                 first_step.append(time.perf_counter() - t0)
 
@@ -124,6 +131,7 @@ def measured(cmd: list[str], env: dict, timeout: float = 7200) -> dict:
     return {
         "rc": proc.returncode,
         "wall_s": round(time.perf_counter() - t0, 1),
+        "loop_start_s": round(loop_start[0], 1) if loop_start else None,
         "first_step_s": round(first_step[0], 1) if first_step else None,
         "max_rss_gb": round(int(max_rss.group(1)) / 1e6, 2) if max_rss else None,
         "tree_rss_gb": round(peak[0] / 1e9, 2),
@@ -223,7 +231,7 @@ def main() -> None:
     if "second" in cases:
         r = engine([*base, "stages=[prepare_data,train]", "train.max_steps=1"], work, train_env)
         prep = (r["metrics"] or {}).get("prepare_data", {})
-        out["second"] = {k: r[k] for k in ("rc", "wall_s", "first_step_s", "max_rss_gb", "tree_rss_gb")}
+        out["second"] = {k: r[k] for k in ("rc", "wall_s", "loop_start_s", "first_step_s", "max_rss_gb", "tree_rss_gb")}
         out["second"] |= {
             "cache_hit": prep.get("cache_hit"),
             "data_seconds": prep.get("prepare_seconds"),

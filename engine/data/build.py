@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -241,8 +241,22 @@ def _work(task) -> tuple[pa.RecordBatch, list]:
         else:
             values.append(_values(src, i, msgs, seed, next(encoded)))
     columns = zip(*values, strict=True) if values else ([] for _ in SCHEMA)
-    arrays = [pa.array(list(column), type=field.type) for column, field in zip(columns, SCHEMA, strict=True)]
+    arrays = [_array(list(column), field.type) for column, field in zip(columns, SCHEMA, strict=True)]
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA), failed
+
+
+def _array(values: list, type_: pa.DataType) -> pa.Array:
+    """One Arrow column; token-id lists go through numpy (``pa.array`` converts them int by int: measured
+    36-106 us a row against ~5, more than the rendering)."""
+    if type_ != _INTS:
+        return pa.array(values, type=type_)
+    present = [v for v in values if v is not None]
+    lengths = np.fromiter((len(v) if v is not None else 0 for v in values), dtype=np.int32, count=len(values))
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter(chain.from_iterable(present), dtype=np.int32, count=int(offsets[-1]))
+    mask = None if len(present) == len(values) else pa.array([v is None for v in values])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=_INTS, mask=mask)
 
 
 def _values(src: int, i: int, msgs: list[dict], seed: int, encoded: tuple) -> tuple:
