@@ -2,8 +2,10 @@
 
 The reference is the request run alone through the same backend (``generate``), which is
 also today's serial server. Requests differ in prompt length, budget, stop strings, seeds,
-temperature and adapter set (base, either adapter, a blend, a scaled adapter, a DoRA
-adapter), join at different steps, and one leaves mid-batch.
+temperature and adapter set (base, plain adapters of different ranks and layers, a blend, a
+scaled adapter, a DoRA adapter), join at different steps, and one leaves mid-batch. The mixed
+lane's stacked per-row LoRA (engine/serve/backends/lora_rows.py) is held to PEFT's own per-row
+path in float64, and steps aside for what it does not stack.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import pytest
 from conftest import save_adapter
 
 
-def _save_dora(dest: Path) -> Path:
+def _save_lora(dest: Path, seed: int, **config) -> Path:
+    """A random LoRA on the tiny model (A and B non-zero), of this ``LoraConfig``."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -22,10 +25,18 @@ def _save_dora(dest: Path) -> Path:
 
     model, _ = build_tiny(TinySpec(kind="tiny"))
     with torch.random.fork_rng():
-        torch.manual_seed(5)
-        config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=True)
-        get_peft_model(model, config).save_pretrained(dest)
+        torch.manual_seed(seed)
+        get_peft_model(model, LoraConfig(init_lora_weights=False, **config)).save_pretrained(dest)
     return dest
+
+
+def _save_dora(dest: Path) -> Path:
+    return _save_lora(dest, 5, r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], use_dora=True)
+
+
+def _save_wide(dest: Path) -> Path:
+    """Another rank and other layers than ``save_adapter``'s (r=4 on q, v, o, down)."""
+    return _save_lora(dest, 3, r=8, lora_alpha=24, target_modules=["k_proj", "gate_proj", "up_proj", "v_proj"])
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +49,12 @@ def backend(tmp_path_factory):
     model, tokenizer = build_tiny(TinySpec(kind="tiny"))
     model.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
-    adapters = {"a": save_adapter(root / "a", seed=1), "b": save_adapter(root / "b", seed=2), "d": _save_dora(root / "d")}
+    adapters = {
+        "a": save_adapter(root / "a", seed=1),
+        "b": save_adapter(root / "b", seed=2),
+        "d": _save_dora(root / "d"),
+        "w": _save_wide(root / "w"),
+    }
     spec = HfSpec(kind="hf", device="cpu", context_length=160, max_batch=8, prefill_chunk=6)
     backend = load_hf(spec, model_spec=ModelSpec(kind="hf", name_or_path=str(root / "base")), adapter_paths=adapters)
     yield backend
@@ -49,7 +65,7 @@ def requests(backend) -> list:
     from engine.serve.backend import AdapterScale as A
     from engine.serve.backend import GenerateRequest
 
-    sets = [(), (A("a"),), (A("b"),), (A("a", 0.5), A("b", 0.5)), (A("a"),), (A("d"),), (A("b", 2.0),), ()]
+    sets = [(), (A("a"),), (A("b"),), (A("a", 0.5), A("b", 0.5)), (A("a"),), (A("d"),), (A("b", 2.0),), (A("w"),)]
     out = []
     for i, adapters in enumerate(sets):
         prompt = backend.tokenizer(f"request {i}: " + "the quick brown fox " * (i + 1)).input_ids
@@ -97,6 +113,8 @@ def test_every_request_in_a_batch_gets_exactly_its_answer_alone(backend):
         assert (got[i]["ids"], got[i]["text"], got[i]["finish"]) == (ids, text, finish), f"request {i}"
     assert steps < sum(len(ids) for ids, _, _ in solo), "the batch should take fewer steps than one at a time"
     assert backend.batch.seqs == {} and backend.batch.lanes == {}
+    stacks = backend.batch._stacks.get(backend.peft, backend.batch._mixable())
+    assert stacks.covers([backend._internal[n] for n in "abw"]), "the mixed lane ran on the stacks, not PEFT's loop"
 
 
 def test_a_request_leaving_mid_batch_does_not_disturb_the_others(backend):
@@ -143,3 +161,122 @@ def test_bad_requests_are_refused_when_added_and_leave_nothing_behind(backend):
     with pytest.raises(UserError, match="empty"):
         batch.add(GenerateRequest([], 4))
     assert batch.seqs == {}
+
+
+# --- the mixed lane's stacked per-row LoRA (engine/serve/backends/lora_rows.py) -------------------
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A float64 tiny base with plain adapters of three ranks and layer sets, a DoRA one and one
+    on the embeddings (which does not stack)."""
+    from engine.model import TinySpec, build_tiny
+    from engine.serve.backends.hf import HfBackend
+
+    root = tmp_path_factory.mktemp("mixed")
+    model, tokenizer = build_tiny(TinySpec(kind="tiny"))
+    backend = HfBackend(model.double(), tokenizer, model_id="tiny", context_length=64, device="cpu", max_batch=8)
+    saved = {
+        "a": save_adapter(root / "a", seed=1),
+        "w": _save_wide(root / "w"),
+        "t": _save_lora(root / "t", 4, r=2, lora_alpha=8, target_modules=["down_proj"]),
+        "d": _save_dora(root / "d"),
+        "e": _save_lora(root / "e", 6, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+    }
+    for name, path in saved.items():
+        backend.load_adapter(name, path)
+    yield backend
+    backend.close()
+
+
+def _logits(backend, names: list[str], *, stacks=None):
+    """Logits of one forward, row i on PEFT adapter ``names[i]``: through ``stacks`` if given,
+    else PEFT's ``adapter_names`` path."""
+    import torch
+
+    ids = torch.arange(len(names) * 5).remainder(97).add(3).view(len(names), 5)
+    with torch.inference_mode():
+        if stacks is None:
+            return backend.peft(input_ids=ids, adapter_names=names).logits
+        with stacks.applied(names) as base_rows:
+            return backend.peft(input_ids=ids, adapter_names=base_rows).logits
+
+
+def test_stacked_rows_give_peft_per_row_logits_across_ranks_layers_and_base(mixed):
+    import torch
+
+    from engine.serve.backends.lora_rows import BASE
+
+    assert mixed.peft.get_input_embeddings().weight.dtype == torch.float64
+    internal = mixed._internal
+    stacks = mixed.batch._stacks.get(mixed.peft, mixed.batch._mixable())
+    # Not d (DoRA runs in lanes of its own) nor e (LoRA on the embeddings: PEFT's loop).
+    assert sorted(stacks.slots) == sorted(internal[n] for n in ("a", "w", "t"))
+    names = [internal["a"], BASE, internal["w"], internal["t"], internal["w"], BASE, internal["a"]]
+    want = _logits(mixed, names)
+    got = _logits(mixed, names, stacks=stacks)
+    base = _logits(mixed, [BASE] * len(names))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for i, name in enumerate(names):  # every adapter changes its rows, and only them
+        moved = (want[i] - base[i]).abs().max()
+        assert moved == 0 if name == BASE else moved > 1e-3, (i, name)
+    assert mixed.batch._stacks.get(mixed.peft, mixed.batch._mixable()) is stacks  # nothing loaded: kept
+
+
+def test_adapters_that_do_not_stack_run_through_peft_with_one_notice(mixed, caplog):
+    """LoRA on the embeddings (checked from PEFT's layers) and an adapter whose stacked logits
+    disagree with PEFT's (the self-check, provoked here) take PEFT's loop, and say so once."""
+    import logging
+
+    import torch
+
+    from engine.serve.backends import lora_rows
+
+    internal = mixed._internal
+    stacks = mixed.batch._stacks.get(mixed.peft, mixed.batch._mixable())
+    assert not stacks.covers([internal["a"], internal["e"]])
+    assert stacks.covers([internal["a"], lora_rows.BASE])
+    assert "Embedding layers" in lora_rows.unsupported(mixed.peft, internal["e"])
+
+    def doubled(layer, mask):  # a stack gone wrong: twice each delta
+        hook = real(layer, mask)
+        return lambda module, args, output: hook(module, args, hook(module, args, output))
+
+    real, fresh = lora_rows._adder, lora_rows.Stacks()
+    with caplog.at_level(logging.INFO, logger="engine.serve"):
+        lora_rows._adder = doubled
+        try:
+            assert fresh.get(mixed.peft, mixed.batch._mixable()) is None
+            assert fresh.get(mixed.peft, mixed.batch._mixable()) is None  # not rebuilt: no second notice
+        finally:
+            lora_rows._adder = real
+    told = [r.getMessage() for r in caplog.records if "PEFT's per-adapter loop" in r.getMessage()]
+    assert sorted(m.split()[2] for m in told) == sorted(internal[n] for n in ("a", "w", "t", "e")), told
+    assert sum("differ from PEFT's own" in m for m in told) == 3
+
+    # In the batch, a step with a row that does not stack is PEFT's own, to the last bit.
+    from engine.serve.backend import AdapterScale, GenerateRequest
+    from engine.serve.backends.hf_batch import MIXED, Seq
+
+    rows = [Seq(GenerateRequest([1], 1, adapters=(AdapterScale(n),)), MIXED, 1, None) for n in ("a", "e")]
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with torch.inference_mode():
+        from transformers import DynamicCache
+
+        got = mixed.batch._forward(MIXED, ids, rows=rows, cache=DynamicCache()).logits
+        want = mixed.peft(input_ids=ids, adapter_names=[internal["a"], internal["e"]], logits_to_keep=1).logits
+    assert torch.equal(got, want)
+
+
+def test_an_adapter_loaded_between_steps_joins_the_stacks(mixed, tmp_path):
+    import torch
+
+    from engine.serve.backends.lora_rows import BASE
+
+    before = mixed.batch._stacks.get(mixed.peft, mixed.batch._mixable())
+    mixed.load_adapter("late", _save_lora(tmp_path / "late", 7, r=6, lora_alpha=12, target_modules=["o_proj", "up_proj"]))
+    after = mixed.batch._stacks.get(mixed.peft, mixed.batch._mixable())
+    late = mixed._internal["late"]
+    assert after is not before and after.covers([late]) and not before.covers([late])
+    names = [late, mixed._internal["a"], BASE]
+    torch.testing.assert_close(_logits(mixed, names, stacks=after), _logits(mixed, names), rtol=1e-10, atol=1e-10)

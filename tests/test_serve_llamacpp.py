@@ -4,8 +4,8 @@ References are llama.cpp itself: ``Llama(..., lora_path=A)`` fixes one adapter a
 backend's runtime switching must give exactly its greedy tokens; the base alone likewise, and
 seeded sampling must draw what ``Llama.generate`` draws with that seed. Blends have no such
 reference: they must differ from each adapter alone and repeat exactly. Batching (several
-requests in one context, engine/serve/backends/llamacpp_batch.py): each request in a batch gets
-exactly its answer alone.
+requests per context, a context per adapter set: engine/serve/backends/llamacpp_batch.py): each
+request in a batch gets exactly its answer alone.
 """
 
 from __future__ import annotations
@@ -93,12 +93,18 @@ def files(tmp_path_factory):
 
 
 def build(
-    files, gguf: Path | None = None, context_length: int = CTX, max_batch: int = 2, prefill_chunk: int = 256, **adapters: Path
+    files,
+    gguf: Path | None = None,
+    context_length: int = CTX,
+    max_batch: int = 2,
+    prefill_chunk: int = 256,
+    threads: int = 1,
+    **adapters: Path,
 ):
     from engine.serve.backends.llamacpp import LlamaCppSpec, load_llamacpp
 
     spec = LlamaCppSpec(
-        kind="llamacpp", context_length=context_length, threads=1, max_batch=max_batch, prefill_chunk=prefill_chunk
+        kind="llamacpp", context_length=context_length, threads=threads, max_batch=max_batch, prefill_chunk=prefill_chunk
     )
     return load_llamacpp(spec, gguf_path=gguf or files.base, adapter_paths=adapters)
 
@@ -191,9 +197,7 @@ def test_every_request_reads_its_whole_prompt_into_a_kv_sequence_freed_when_it_e
             decodes = b.batch.decodes
             assert run(b, prompt, *adapters, max_tokens=3)[0] == refs[want][:3]
             assert b.batch.decodes - decodes == 3  # the whole prompt in one decode, then 2 tokens: no reuse
-            assert b.batch.live() == [] and all(
-                llama_cpp.llama_memory_seq_pos_max(b.batch._memory, seq) == -1 for seq in range(b.batch.size)
-            )
+            assert b.batch.live() == [] and b.batch.held() == 0
     finally:
         b.close()
 
@@ -512,6 +516,93 @@ def test_a_long_prompt_is_read_in_chunks_while_the_others_keep_decoding(files, p
         assert reading >= 10
         assert first_piece["long"] == join + reading - 1  # its first token comes with its last chunk
         assert all(n in short_pieces for n in range(join, join + reading))  # the other decoded every step meanwhile
+    finally:
+        b.close()
+
+
+def _switches(monkeypatch) -> list[int]:
+    """Counts llama_set_adapters_lora calls that put a set on a context (not the one at close)."""
+    calls, real = [], llama_cpp.llama_set_adapters_lora
+
+    def counted(ctx, adapters, n, scales):
+        if adapters is not None:
+            calls.append(n)
+        return real(ctx, adapters, n, scales)
+
+    monkeypatch.setattr(llama_cpp, "llama_set_adapters_lora", counted)
+    return calls
+
+
+def test_each_adapter_set_decodes_in_a_context_of_its_own_with_no_switch_per_step(files, prompt, monkeypatch):
+    """The base and three sets (A, B, a blend), two requests each: every set gets a context whose
+    set is put on once, every answer is its answer alone, and the side contexts are freed once
+    nothing runs (at rest the batch holds the home context alone, as before)."""
+    b = build(files, max_batch=8, A=files.a, B=files.b)
+    try:
+        sets = {"base": (), "A": (("A", 1.0),), "B": (("B", 1.0),), "blend": (("A", 0.5), ("B", 0.5))}
+        requests = {f"{name}{k}": request(prompt, *s, max_tokens=12 + k) for name, s in sets.items() for k in range(2)}
+        alone = _alone(b, requests)
+        switches, seen = _switches(monkeypatch), []
+        got = drive(b.batch, {0: requests}, on_step=lambda n, out, slots: seen.append((len(switches), b.batch.contexts())))
+        assert got == alone
+        # The blend, last alone, is still on the home context and keeps it; each other set gets a side sized for its 2.
+        assert seen[0][1] == [(sets["blend"], 2, 8), *((s, 2, 2) for s in list(sets.values())[:3])]
+        # A and B are put on their sides at the first step and never again (a new context starts on the base).
+        assert [n for n, _ in seen] == [2] * len(seen)
+        assert b.batch.contexts() == [(sets["blend"], 0, 8)] and b.batch.held() == 0
+    finally:
+        b.close()
+
+
+def test_even_halves_of_the_contexts_decode_side_by_side_with_the_same_answers(files, prompt, monkeypatch):
+    """With 2 threads, 4 sets of 2 sequences split into two even halves decoded in two threads on
+    one thread each; 6 sequences beside 2 do not (the heavier half would take longer than both
+    one after another). Either way every answer is its answer alone, computed on 2 threads."""
+    b = build(files, max_batch=8, threads=2, A=files.a, B=files.b)
+    try:
+        sets = {"base": (), "A": (("A", 1.0),), "B": (("B", 1.0),), "blend": (("A", 0.5), ("B", 0.5))}
+        even = {f"{name}{k}": request(prompt, *s, max_tokens=10 + k) for name, s in sets.items() for k in range(2)}
+        uneven = {f"base{k}": request(prompt, max_tokens=10 + k) for k in range(6)}
+        uneven |= {f"A{k}": request(prompt, ("A", 1.0), max_tokens=10 + k) for k in range(2)}
+        sides, real = [], b.batch._side_by_side
+        monkeypatch.setattr(
+            b.batch, "_side_by_side", lambda halves: sides.append(len(halves[0]) + len(halves[1])) or real(halves)
+        )
+        for requests, went in [(even, True), (uneven, False)]:
+            alone = _alone(b, requests)
+            sides.clear()
+            assert drive(b.batch, {0: requests}) == alone
+            assert bool(sides) == went and all(n == 4 for n in sides)
+    finally:
+        b.close()
+
+
+def test_a_side_context_is_reused_by_the_next_set_and_sets_take_turns_at_home_when_seats_run_out(files, prompt):
+    """max_batch=4: the home context (4) and sides of at most 4 seats in all. A set that leaves
+    hands its side to the next set (no new context); once the sides' seats are taken, a newcomer
+    joins the home context beside another set and they take turns there. Every answer is still
+    its answer alone."""
+    b = build(files, max_batch=4, A=files.a, B=files.b)
+    try:
+        a, blend = (("A", 1.0),), (("A", 0.5), ("B", 0.5))
+        requests = {
+            "A": request(prompt, *a, max_tokens=3),  # ends at step 2
+            "B": request(prompt, ("B", 1.0)),
+            "blend": request(prompt, *blend),
+            "A again": request(prompt, *a, max_tokens=5),
+            "base": request(prompt, max_tokens=30),  # last alone: the base is on the home context
+        }
+        alone = _alone(b, requests)
+        layouts = []
+        arrivals = {0: {k: requests[k] for k in ("base", "A")}, 5: {"B": requests["B"]}, 6: {"blend": requests["blend"]}}
+        arrivals[7] = {"A again": requests["A again"]}
+        got = drive(b.batch, arrivals, on_step=lambda n, out, slots: layouts.append(b.batch.contexts()))
+        assert got == alone
+        assert layouts[0] == [((), 1, 4), (a, 1, 2)]
+        assert layouts[5] == [((), 1, 4), ((("B", 1.0),), 1, 2)]  # A's side, idle since step 2, now B's
+        assert layouts[6] == [((), 1, 4), ((("B", 1.0),), 1, 2), (blend, 1, 2)]
+        assert layouts[7] == [(a, 2, 4), ((("B", 1.0),), 1, 2), (blend, 1, 2)]  # home: base and A in turns
+        assert b.batch.contexts() == [((), 0, 4)] and b.batch.held() == 0  # the base decoded last, alone
     finally:
         b.close()
 

@@ -4,10 +4,12 @@ How a step goes (engine/serve/batch.py has the contract):
 
 - Sequences live in *lanes*. A lane is the rows of one batched KV cache (transformers'
   ``DynamicCache``) that decode in one forward. The *mixed* lane holds every sequence whose
-  set is the base alone or one plain LoRA at scale 1: PEFT runs such rows together, each
-  with its own adapter (``adapter_names``, one per row; ``__base__`` for none). A blend, a
-  scaled adapter or a DoRA adapter (PEFT cannot mix those per row) gets a lane of its own
-  per distinct set, with the set made active before that lane's forward; lanes take turns.
+  set is the base alone or one plain LoRA at scale 1, each row with its own adapter: the
+  loaded adapters stacked in each layer, one pass for all rows
+  (engine/serve/backends/lora_rows.py), else PEFT's per-row ``adapter_names`` (one per row;
+  ``__base__`` for none) for adapters that do not stack. A blend, a scaled adapter or a DoRA
+  adapter (PEFT cannot mix those per row) gets a lane of its own per distinct set, with the
+  set made active before that lane's forward; lanes take turns.
 - A newcomer reads its prompt alone (batch of one, its own cache), ``prefill_chunk`` tokens
   per step, while the lanes decode; its first token comes from its last chunk. Its cache is
   then spliced into its lane: rows are *left-padded* to a shared length (the 2-D attention
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import UserError
 from engine.serve.backend import AdapterScale, GenerateRequest, Piece, check_ids
+from engine.serve.backends.lora_rows import BASE, Stacks, input_embedding
 
 log = logging.getLogger("engine.serve")
 
@@ -117,6 +120,8 @@ class HfBatch:
         self._scaled = False
         """Whether a blend lane changed adapter scales since the mixed lane last ran."""
         self._joinable: bool | None = None
+        self._stacks = Stacks()
+        """The mixed lane's per-row LoRA (engine/serve/backends/lora_rows.py), rebuilt after a load."""
 
     # --- the contract ---------------------------------------------------------------------
 
@@ -126,7 +131,7 @@ class HfBatch:
         backend = self.backend
         if not request.prompt_ids:
             raise UserError("the prompt is empty")
-        check_ids(request.prompt_ids, backend.base.get_input_embeddings().num_embeddings)
+        check_ids(request.prompt_ids, input_embedding(backend.base).num_embeddings)
         how = self._how(request.adapters)
         gen = torch.Generator("cpu")
         # torch takes 64 bits: OpenAI's int64 seeds (negative ones too) map one to one.
@@ -188,6 +193,11 @@ class HfBatch:
             return MIXED
         return ("set", tuple((a.name, float(a.scale)) for a in adapters))
 
+    def _mixable(self) -> list[str]:
+        """PEFT's names of the loaded adapters the mixed lane can hold (the stacks' key: a load changes it)."""
+        backend = self.backend
+        return [internal for name, internal in backend._internal.items() if backend.mixable(name)]
+
     def _forward(self, how: tuple, input_ids, *, rows: list[Seq], **kw):
         """The model's forward for these rows, their adapters applied as ``how`` says."""
         backend = self.backend
@@ -197,11 +207,15 @@ class HfBatch:
         from engine.adapter import set_scales
 
         if how == MIXED:
-            if self._scaled:  # a blend lane scaled some adapters: back to as trained
+            if self._scaled:  # a blend lane scaled some adapters: back to as trained (what the stacks fold in)
                 set_scales(backend.peft, dict.fromkeys(backend._internal.values(), 1.0))
                 self._scaled = False
-            names = [backend._internal[s.request.adapters[0].name] if s.request.adapters else "__base__" for s in rows]
-            return model(input_ids=input_ids, use_cache=True, logits_to_keep=1, adapter_names=names, **kw)
+            names = [backend._internal[s.request.adapters[0].name] if s.request.adapters else BASE for s in rows]
+            stacks = self._stacks.get(backend.peft, self._mixable()) if set(names) != {BASE} else None
+            if stacks is None or not stacks.covers(names):
+                return model(input_ids=input_ids, use_cache=True, logits_to_keep=1, adapter_names=names, **kw)
+            with stacks.applied(names) as base_rows:
+                return model(input_ids=input_ids, use_cache=True, logits_to_keep=1, adapter_names=base_rows, **kw)
         names = [backend._internal[name] for name, _ in how[1]]
         backend.peft.base_model.set_adapter(names, inference_mode=True)
         set_scales(backend.peft, {backend._internal[name]: scale for name, scale in how[1]})

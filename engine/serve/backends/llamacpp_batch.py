@@ -1,25 +1,41 @@
-"""Continuous batching on llama.cpp: one context, a KV sequence per request, adapter sets taking turns.
+"""Continuous batching on llama.cpp: a KV sequence per request, a context per adapter set.
 
-Why one context with several sequences (as llama.cpp's own server does): decoding a small model
-is bound by reading its weights, and one ``llama_decode`` that carries a token of each of 8
-sequences reads them once for all 8. Each request is a llama.cpp *sequence* (its own
-``seq_id`` in the ``llama_batch``, its own KV cells); a request that ends has its cells removed
-(``llama_memory_seq_rm``) and its seq id goes back to the pool.
+Why a context with several sequences (as llama.cpp's own server does): one ``llama_decode``
+that carries a token of each of 8 sequences costs far less than 8 decodes of one (on SmolLM2
+Q4_1, 2 threads: 47 ms for 8 tokens, 13.5 ms for one). Each request is a llama.cpp *sequence* (its own
+``seq_id`` in the ``llama_batch``, its own KV stream); a request that ends has its cells removed
+(``llama_memory_seq_rm``) and its seq id goes back to its context.
 
-Why ``kv_unified=False`` with ``n_ctx = max_batch * context_length``: llama.cpp then gives every
-sequence its own KV stream of ``context_length`` cells, so each request can use the whole
-``serve.context_length`` whatever the others hold, and its attention runs over its own cells
-laid out as when it runs alone. With one unified cache (``kv_unified=True``) 6 of 8 greedy
-SmolLM2 answers changed between batched and alone (the softmax sums run over the other
-sequences' masked cells too, in another order) and decoding was slower; with separate streams
-8 of 8 were the same (15 of 16 over a larger set: docs/serving.md, "Batching on llama.cpp").
-The price is memory: SmolLM2 at 2,048 tokens holds ~47 MB of f16 KV per sequence, ~380 MB for 8.
+Why a KV stream per sequence (``kv_unified=False``, ``n_ctx = sequences * context_length``):
+each request can use the whole ``serve.context_length`` whatever the others hold, and its
+attention runs over its own cells laid out as when it runs alone. With one unified cache
+(``kv_unified=True``) 6 of 8 greedy SmolLM2 answers changed between batched and alone (the
+softmax sums run over the other sequences' masked cells too, in another order) and decoding
+was slower; with separate streams 8 of 8 were the same (11 to 15 of 16 over a larger set:
+docs/serving.md, "Batching on llama.cpp"). The price is memory: SmolLM2 at 2,048 tokens holds
+~47 MB of f16 KV per sequence, ~380 MB for 8.
 
-Why adapter sets take turns: llama.cpp applies one adapter set per context
-(``llama_set_adapters_lora``). Sequences that share a set decode together in one
-``llama_decode``; each other set gets its own decode in the same step, its set put on the
-context first. A step with 4 sets costs 4 passes over the weights instead of one (measured in
-docs/serving.md, "Batching on llama.cpp").
+Why a context per adapter set: llama.cpp applies one adapter set per context
+(``llama_set_adapters_lora``), and a context whose set changes re-plans its whole compute
+graph at its next decode (``sched_reserve``: new scheduler, worst-case graphs, buffers) and
+loses the graph it could have reused. Sequences sharing a set decode together in one
+``llama_decode``; when sets took turns on one context, 8 sequences on 4 adapters ran at 0.75x
+the serial server. So the *home* context (room for ``size`` sequences: the memory of one
+context, as before) takes the first set, and each other set present gets a *side* context of
+its own whose set is put on once: no switch, the graph reused from step to step. Sides hold at
+most ``size`` sequences in all (KV at most twice the home's), are sized for their set's
+newcomers (a power of two, at least 2: a set that grows by one stays in one context), are reused by the next
+set when they empty, and are freed once nothing runs. When the sides' seats are taken, a
+newcomer joins the home context and sets take turns there with a switch, as before. A step
+still costs one ``llama_decode`` per set present; with 2 threads, even halves of the busy
+contexts decode side by side on one thread each (``_halves``). Measured: 8 requests on 4
+adapters went from 0.87x to ~1.5x the tokens of one request at a time (docs/serving.md,
+"Batching on llama.cpp").
+
+Why seq ids in order: llama.cpp puts a run of consecutive seq ids in one ubatch and splits a
+decode at any other; seq ids handed out first-in-first-out and a batch filled in arrival order
+made one decode several (a set on seq ids 0 and 4: two graph computations). Each context hands
+out its lowest free id and each decode lists its sequences by seq id (``_groups``).
 
 Why a prompt is read in chunks: a newcomer's prompt goes in ``prefill_chunk`` tokens per step,
 in the same ``llama_decode`` as the others' next tokens, so a long prompt never stalls the
@@ -39,6 +55,7 @@ repeat penalties stay off (OpenAI's semantics: temperature and top_p only).
 from __future__ import annotations
 
 import codecs
+import concurrent.futures
 import ctypes
 import itertools
 from collections.abc import Callable, Mapping
@@ -52,13 +69,20 @@ from engine.serve.backend import AdapterScale, GenerateRequest, Piece, check_ids
 AdapterSet = tuple[tuple[str, float], ...]
 """(name, scale) pairs of one request's adapters, in request order; () is the base."""
 
+_DECODE_COST = 1.8
+"""What one ``llama_decode`` costs on its own, in tokens' worth (SmolLM2 Q4_1, 2 threads: ~9.5 ms, and ~5.3 ms a token)."""
+_HALF_THREADS_SLOWER = 1.7
+"""A small decode on 1 thread takes ~1.7x its time on 2 (measured on 2 cores): the halves go side
+by side only when the heavier one, that much slower, still ends before both one after another."""
+
 
 class LlamaCppBatch:
-    """Up to ``size`` sequences in one llama.cpp context; the ``Batch`` of engine/serve/batch.py.
+    """Up to ``size`` sequences over llama.cpp contexts; the ``Batch`` of engine/serve/batch.py.
 
     One thread drives it (the server's scheduler, or ``engine.serve.batch.alone``). Slots are
     numbers never reused, so dropping a finished slot can never end a newer request that took
-    its place; each live slot holds one of the context's ``size`` seq ids.
+    its place. A new slot gets its KV sequence (a context and a seq id in it) at the next step,
+    when every request admitted with it is known (``_place``).
     """
 
     def __init__(
@@ -89,37 +113,25 @@ class LlamaCppBatch:
         self.size = size
         self.prefill_chunk = max(1, min(prefill_chunk, context_length))
         self.context_length = context_length
+        self._threads = threads
         self._llm = llm
         self._vocab = llm._model.vocab
         self._n_vocab = llm.n_vocab()
         self._loaded = adapters
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = size * context_length
-        params.n_seq_max = size
-        params.kv_unified = False  # a KV stream per sequence: the full context each (module doc)
-        # One decode may carry a chunk of every sequence's prompt (all newcomers at once).
-        self._capacity = size * self.prefill_chunk
-        params.n_batch = self._capacity
-        params.n_ubatch = min(self._capacity, 512)
-        params.n_threads = params.n_threads_batch = threads
-        params.no_perf = True
-        # As ``Llama`` makes its context (the serial backend's): the same numbers, token for token.
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        self._ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
-        if not self._ctx:
+        self._home: _Context | None = self._context(size)
+        if self._home is None:
             raise UserError(
                 f"llama.cpp could not make a context for {size} sequences of {context_length} tokens "
                 "(serve.max_batch x serve.context_length of KV cache); lower one of them"
             )
-        self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
+        self._sides: list[_Context] = []
+        """Contexts of one adapter set each, beside the home context (module doc); at most ``size`` seats in all."""
         self._seqs: dict[int, _Seq] = {}
         self._failed: dict[int, BaseException] = {}
         """Slots ended by ``fail``: reported at every step until dropped."""
-        self._free_ids = list(range(size))
         self._slots = itertools.count()
-        self._on_context: AdapterSet = ()
-        """The adapter set now on the context (llama.cpp starts with none)."""
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        """Two threads for decoding contexts side by side (``_halves``); made on first use."""
         self.decodes = 0
         """``llama_decode`` calls so far (tests and benchmarks read it)."""
 
@@ -137,16 +149,14 @@ class LlamaCppBatch:
             n, ctx = len(prompt), self.context_length
             raise UserError(f"the prompt has {n} tokens; the context holds {ctx} (serve.context_length)")
         wanted = adapter_set(request.adapters, self._loaded)
-        if not self._free_ids:
+        if len(self._seqs) >= self.size:
             raise RuntimeError(f"the batch is full ({self.size} sequences); add only when a slot is free")
-        handles = tuple(self._loaded[name].handle for name, _ in wanted)
         seq = _Seq(
             slot=next(self._slots),
-            seq_id=self._free_ids.pop(0),
             prompt=prompt,
             budget=min(request.max_tokens, room),
             adapters=wanted,
-            handles=handles,
+            handles=tuple(self._loaded[name].handle for name, _ in wanted),
             chain=self._sampler(request),
             text=_Text(request.stop, self._piece, self._is_eog),
         )
@@ -154,24 +164,29 @@ class LlamaCppBatch:
         return seq.slot
 
     def step(self) -> dict[int, Piece | BaseException]:
-        """One round: per adapter set, one ``llama_decode`` with a prompt chunk or the next token
-        of each of its sequences; then each sequence that got logits samples its next token."""
+        """One round: newcomers get their KV sequence; then per context and adapter set, one
+        ``llama_decode`` with a prompt chunk or the next token of each of its sequences; then each
+        sequence that got logits samples its next token."""
         self._live()
+        self._place()
         out: dict[int, Piece | BaseException] = dict(self._failed)
-        groups: dict[AdapterSet, list[_Seq]] = {}
-        for seq in self._seqs.values():
-            groups.setdefault(seq.adapters, []).append(seq)
-        # The set already on the context goes first: one switch fewer per step.
-        for wanted in sorted(groups, key=lambda g: g != self._on_context):
-            self._decode(groups[wanted], out)
+        work = [(context, self._groups(context)) for context in self._contexts() if context.seqs]
+        self.decodes += sum(len(groups) for _, groups in work)
+        halves = self._halves(work)
+        if halves is None:
+            out.update(self._run(work, self._threads))
+        else:
+            out.update(self._side_by_side(halves))
+        self._tidy()
         return out
 
     def drop(self, slot: int) -> None:
         """End a slot early (the client left); an ended or unknown slot is a no-op."""
         self._failed.pop(slot, None)
         seq = self._seqs.get(slot)
-        if seq is not None and self._ctx is not None:
+        if seq is not None and self._home is not None:
             self._end(seq)
+            self._tidy()
 
     # --- beyond the protocol -----------------------------------------------------------
 
@@ -185,6 +200,7 @@ class LlamaCppBatch:
         if seq is not None:
             self._end(seq)
             self._failed[slot] = error
+            self._tidy()
 
     def live(self) -> list[int]:
         """The slots that hold a sequence now."""
@@ -193,30 +209,152 @@ class LlamaCppBatch:
     def cached(self, slot: int) -> int:
         """Tokens of this slot in the KV cache (0 once it ended): what tests check after a drop."""
         seq = self._seqs.get(slot)
-        if seq is None or self._ctx is None:
+        if seq is None or seq.context is None or self._home is None:
             return 0
-        return self._lib.llama_memory_seq_pos_max(self._memory, seq.seq_id) + 1
+        return self._lib.llama_memory_seq_pos_max(seq.context.memory, seq.seq_id) + 1
+
+    def contexts(self) -> list[tuple[AdapterSet, int, int]]:
+        """(adapter set on it, sequences it holds, sequences it has room for) per context, home
+        first: what tests and benchmarks read."""
+        return [(c.on, len(c.seqs), c.room) for c in self._contexts()]
+
+    def held(self) -> int:
+        """KV cells in use over all contexts (0 once every sequence ended)."""
+        lib = self._lib
+        return sum(lib.llama_memory_seq_pos_max(c.memory, seq_id) + 1 for c in self._contexts() for seq_id in range(c.room))
 
     def close(self) -> None:
-        """Free the samplers, the batch and the context (before the adapters and the model, which
-        the backend frees next); idempotent."""
-        ctx, self._ctx = getattr(self, "_ctx", None), None
-        if ctx is None:
+        """Free the samplers, then every context (before the adapters and the model, which the
+        backend frees next); idempotent."""
+        home, self._home = getattr(self, "_home", None), None
+        if home is None:
             return
-        lib = self._lib
+        if self._pool is not None:
+            self._pool.shutdown()
         for seq in self._seqs.values():
-            lib.llama_sampler_free(seq.chain)
+            self._lib.llama_sampler_free(seq.chain)
         self._seqs.clear()
         self._failed.clear()
-        lib.llama_set_adapters_lora(ctx, None, 0, None)
-        lib.llama_batch_free(self._batch)
-        lib.llama_free(ctx)
+        for context in [home, *self._sides]:
+            context.close()
+        self._sides.clear()
+
+    # --- where a sequence lives ----------------------------------------------------------
+
+    def _contexts(self) -> list[_Context]:
+        return [self._home, *self._sides] if self._home is not None else []
+
+    def _place(self) -> None:
+        """Give each newcomer a seq id in a context for its set: the sets with most newcomers first
+        (on a tie, the set already on the home context: it may stay there with no switch)."""
+        waiting: dict[AdapterSet, list[_Seq]] = {}
+        for seq in self._seqs.values():
+            if seq.context is None:
+                waiting.setdefault(seq.adapters, []).append(seq)
+        for wanted, seqs in sorted(waiting.items(), key=lambda item: (-len(item[1]), item[0] != self._home.on)):
+            for n, seq in enumerate(seqs):
+                self._where(wanted, len(seqs) - n).take(seq)
+
+    def _where(self, wanted: AdapterSet, need: int) -> _Context:
+        """The context for one newcomer on ``wanted`` (``need``: its set's newcomers still unplaced).
+
+        In order: a context that holds only this set and has room (the largest); an idle
+        context, the home one first (its set is switched once); a new side context with room
+        for the set's newcomers (a power of two, at least 2: a set that grows by one stays in
+        one context) within the sides' ``size`` seats; else the home context, where sets take
+        turns with a switch before each decode (it always has room: at most ``size``
+        sequences live). A side llama.cpp cannot allocate is no error: the home takes the
+        sequence.
+        """
+        own = [c for c in self._contexts() if c.free and c.holds_only(wanted)]
+        if own:
+            return max(own, key=lambda c: (c.room, len(c.free)))
+        idle = [c for c in self._contexts() if not c.seqs]
+        if idle:
+            return idle[0]
+        seats = self.size - sum(c.room for c in self._sides)
+        side = self._context(min(seats, 1 << max(1, need - 1).bit_length())) if seats > 0 else None
+        if side is None:
+            return self._home
+        self._sides.append(side)
+        return side
+
+    def _context(self, room: int) -> _Context | None:
+        return _Context.make(
+            self._lib,
+            self._llm._model.model,
+            room=room,
+            context_length=self.context_length,
+            prefill_chunk=self.prefill_chunk,
+            threads=self._threads,
+        )
+
+    def _tidy(self) -> None:
+        """Once nothing runs, free the side contexts: at rest the batch holds what one context holds."""
+        if not self._seqs and self._sides:
+            for side in self._sides:
+                side.close()
+            self._sides.clear()
 
     # --- one step ----------------------------------------------------------------------
 
-    def _decode(self, seqs: list[_Seq], out: dict[int, Piece | BaseException]) -> None:
-        """One ``llama_decode`` for sequences sharing an adapter set, then their samples."""
-        batch, n, outputs = self._batch, 0, []
+    @staticmethod
+    def _groups(context: _Context) -> list[list[_Seq]]:
+        """The context's sequences by adapter set, the set already on it first (one switch fewer),
+        each in seq id order: llama.cpp puts a run of consecutive seq ids in one ubatch and splits
+        a decode at any other (``split_equal``), computing the graph once per piece."""
+        groups: dict[AdapterSet, list[_Seq]] = {}
+        for seq in sorted(context.seqs.values(), key=lambda seq: seq.seq_id):
+            groups.setdefault(seq.adapters, []).append(seq)
+        return [groups[wanted] for wanted in sorted(groups, key=lambda g: g != context.on)]
+
+    def _halves(self, work: list[tuple[_Context, list[list[_Seq]]]]) -> tuple[list, list] | None:
+        """The busy contexts in two halves to decode side by side on half the threads each, or None.
+
+        Why: on 2 cores a small decode gains little from a second thread (a 2-token decode took
+        20 ms on 2 threads, 34 ms on 1), so 4 adapter sets of 2 sequences decoded as two halves
+        of 2 sets, one thread each, took 66 ms a step against 83 ms one after another (SmolLM2
+        Q4_1). Only when the halves are even: 6 sequences beside 2 took 69 ms against 61.
+        Threads do not change llama.cpp's numbers (bit for bit), so the answers stay the same.
+        """
+        if self._threads < 2 or len(work) < 2:
+            return None
+        halves: tuple[list, list] = ([], [])
+        loads = [0.0, 0.0]
+        for item in sorted(work, key=self._cost, reverse=True):
+            lighter = loads.index(min(loads))
+            halves[lighter].append(item)
+            loads[lighter] += self._cost(item)
+        return halves if max(loads) * _HALF_THREADS_SLOWER < sum(loads) else None
+
+    def _cost(self, item: tuple[_Context, list[list[_Seq]]]) -> float:
+        """A context's decodes this step, in tokens' worth (each decode costs a few on its own)."""
+        return sum(_DECODE_COST + sum(seq.step_tokens(self.prefill_chunk) for seq in group) for group in item[1])
+
+    def _side_by_side(self, halves: tuple[list, list]) -> dict[int, Piece | BaseException]:
+        """Each half in its own thread (llama_decode lets go of the GIL), each context of a half
+        on half the threads; every half is waited for before an error is raised."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="llamacpp-decode")
+        futures = [self._pool.submit(self._run, half, max(1, self._threads // 2)) for half in halves]
+        concurrent.futures.wait(futures)
+        out: dict[int, Piece | BaseException] = {}
+        for future in futures:
+            out.update(future.result())
+        return out
+
+    def _run(self, work: list[tuple[_Context, list[list[_Seq]]]], threads: int) -> dict[int, Piece | BaseException]:
+        """The decodes of these contexts one after another, on ``threads`` threads each."""
+        out: dict[int, Piece | BaseException] = {}
+        for context, groups in work:
+            context.threads(threads)
+            for seqs in groups:
+                self._decode(context, seqs, out)
+        return out
+
+    def _decode(self, context: _Context, seqs: list[_Seq], out: dict[int, Piece | BaseException]) -> None:
+        """One ``llama_decode`` for sequences of one context sharing an adapter set, then their samples."""
+        batch, n, outputs = context.batch, 0, []
         for seq in seqs:
             if seq.pos < len(seq.prompt):  # still reading its prompt: the next chunk
                 tokens = seq.prompt[seq.pos : seq.pos + self.prefill_chunk]
@@ -234,10 +372,9 @@ class LlamaCppBatch:
             if ask:
                 outputs.append((seq, n - 1))
         batch.n_tokens = n
-        self.decodes += 1
         try:
-            self._use(seqs[0])
-            code = self._lib.llama_decode(self._ctx, batch)
+            context.use(seqs[0].adapters, seqs[0].handles)
+            code = self._lib.llama_decode(context.ctx, batch)
             error = None if code == 0 else RuntimeError(f"llama.cpp could not decode this step (llama_decode returned {code})")
         except RuntimeError as e:  # llama.cpp refused the adapter set: these sequences end, the others go on
             error = e
@@ -259,7 +396,8 @@ class LlamaCppBatch:
 
     def _next(self, seq: _Seq, index: int) -> Piece:
         """Sample this sequence's next token from its logits row and turn it into a piece."""
-        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
+        ctx = seq.context.ctx
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(ctx, index), shape=(self._n_vocab,))
         if not np.isfinite(logits).all():
             raise UserError(
                 "the model's next-token scores are not finite (NaN or inf) with this adapter set; lower the adapter scales"
@@ -270,27 +408,16 @@ class LlamaCppBatch:
         return seq.text.add(token, last=seq.made >= seq.budget)
 
     def _sample(self, seq: _Seq, index: int) -> int:
-        """The sequence's own sampler chain on output ``index`` of the last decode (it also
-        accepts the token into the chain's state)."""
-        return int(self._lib.llama_sampler_sample(seq.chain, self._ctx, index))
-
-    def _use(self, seq: _Seq) -> None:
-        """Put this sequence's adapter set on the context unless it is there already."""
-        if seq.adapters == self._on_context:
-            return
-        lib, n = self._lib, len(seq.handles)
-        handles = (lib.llama_adapter_lora_p_ctypes * n)(*seq.handles)
-        scales = (ctypes.c_float * n)(*(scale for _, scale in seq.adapters))
-        if lib.llama_set_adapters_lora(self._ctx, handles, n, scales) != 0:
-            raise RuntimeError(f"llama.cpp refused the adapter set {seq.adapters}")
-        self._on_context = seq.adapters
+        """The sequence's own sampler chain on output ``index`` of its context's last decode (it
+        also accepts the token into the chain's state)."""
+        return int(self._lib.llama_sampler_sample(seq.chain, seq.context.ctx, index))
 
     def _end(self, seq: _Seq) -> None:
-        """Free the sequence's KV cells, sampler and seq id."""
+        """Free the sequence's KV cells, seq id and sampler."""
         del self._seqs[seq.slot]
-        self._lib.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+        if seq.context is not None:
+            seq.context.release(seq)
         self._lib.llama_sampler_free(seq.chain)
-        self._free_ids.append(seq.seq_id)
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -315,8 +442,92 @@ class LlamaCppBatch:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
     def _live(self) -> None:
-        if self._ctx is None:
+        if self._home is None:
             raise UserError("this llama.cpp backend is closed")
+
+
+class _Context:
+    """One llama.cpp context: a KV stream for each of ``room`` sequences and one adapter set on it.
+
+    Why a stream per sequence (``kv_unified=False``, ``n_ctx = room * context_length``): each
+    request can use the whole ``serve.context_length`` whatever the others hold, and its
+    attention runs over its own cells laid out as when it runs alone (module doc).
+    """
+
+    def __init__(self, lib, ctx, *, room: int, tokens: int, threads: int):
+        self._lib = lib
+        self.ctx = ctx
+        self.room = room
+        self.memory = lib.llama_get_memory(ctx)
+        self.batch = lib.llama_batch_init(tokens, 0, 1)
+        self.free = list(range(room))
+        """Seq ids not in use, lowest first."""
+        self.seqs: dict[int, _Seq] = {}
+        """slot -> the sequences whose KV lives here."""
+        self.on: AdapterSet = ()
+        """The adapter set now on the context (llama.cpp starts with none)."""
+        self._threads = threads
+
+    @classmethod
+    def make(cls, lib, model, *, room: int, context_length: int, prefill_chunk: int, threads: int) -> _Context | None:
+        """A context for ``room`` sequences; None when llama.cpp cannot allocate it."""
+        params = lib.llama_context_default_params()
+        params.n_ctx = room * context_length
+        params.n_seq_max = room
+        params.kv_unified = False  # a KV stream per sequence (class doc)
+        # One decode may carry a chunk of every sequence's prompt (all newcomers at once). Sizing
+        # the compute buffer for one output per sequence (n_outputs_max) would halve it (99 -> 46
+        # MB) but made a step of 8 sequences on an adapter ~4% slower: llama.cpp's default stays.
+        tokens = room * prefill_chunk
+        params.n_batch = tokens
+        params.n_ubatch = min(tokens, 512)
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        # As ``Llama`` makes its context (the serial backend's): the same numbers, token for token.
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx = lib.llama_init_from_model(model, params)
+        return cls(lib, ctx, room=room, tokens=tokens, threads=threads) if ctx else None
+
+    def holds_only(self, wanted: AdapterSet) -> bool:
+        """Every sequence here is on ``wanted`` (and so is the context, when it holds none)."""
+        if not self.seqs:
+            return self.on == wanted
+        return all(seq.adapters == wanted for seq in self.seqs.values())
+
+    def take(self, seq: _Seq) -> None:
+        seq.context, seq.seq_id = self, self.free.pop(0)
+        self.seqs[seq.slot] = seq
+
+    def release(self, seq: _Seq) -> None:
+        """Free the sequence's KV cells and its seq id (lowest ids first: the same streams alone)."""
+        del self.seqs[seq.slot]
+        self._lib.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
+        self.free.append(seq.seq_id)
+        self.free.sort()
+
+    def threads(self, n: int) -> None:
+        """Decode on ``n`` threads from now on (a field of the context: nothing is re-planned)."""
+        if n != self._threads:
+            self._lib.llama_set_n_threads(self.ctx, n, n)
+            self._threads = n
+
+    def use(self, adapters: AdapterSet, handles: tuple) -> None:
+        """Put this adapter set on the context unless it is there already."""
+        if adapters == self.on:
+            return
+        lib, n = self._lib, len(handles)
+        pointers = (lib.llama_adapter_lora_p_ctypes * n)(*handles)
+        scales = (ctypes.c_float * n)(*(scale for _, scale in adapters))
+        if lib.llama_set_adapters_lora(self.ctx, pointers, n, scales) != 0:
+            raise RuntimeError(f"llama.cpp refused the adapter set {adapters}")
+        self.on = adapters
+
+    def close(self) -> None:
+        """Take the adapter set off, then free the batch and the context."""
+        lib = self._lib
+        lib.llama_set_adapters_lora(self.ctx, None, 0, None)
+        lib.llama_batch_free(self.batch)
+        lib.llama_free(self.ctx)
 
 
 @dataclass(eq=False)
@@ -324,7 +535,6 @@ class _Seq:
     """One request in the batch: where its prompt reading stands, its sampler and its text."""
 
     slot: int
-    seq_id: int
     prompt: list[int]
     budget: int
     """Most tokens to generate: max_tokens, or what is left of the context."""
@@ -333,10 +543,17 @@ class _Seq:
     chain: object
     """Its ``llama_sampler`` chain; freed when the sequence ends."""
     text: _Text
+    context: _Context | None = None
+    """Where its KV lives; None until the step after it was added (``_place``)."""
+    seq_id: int = -1
     pos: int = 0
     """Tokens of this sequence in the KV cache (its next position)."""
     next_token: int = -1
     made: int = 0
+
+    def step_tokens(self, chunk: int) -> int:
+        """Tokens it feeds the next decode: a prompt chunk while reading its prompt, else one."""
+        return min(chunk, len(self.prompt) - self.pos) if self.pos < len(self.prompt) else 1
 
 
 class _Text:
