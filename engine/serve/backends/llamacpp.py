@@ -2,13 +2,13 @@
 
 Why the low-level adapter API: ``Llama(lora_path=...)`` fixes one adapter for the life of the
 model. Here every adapter file is loaded once (``llama_adapter_lora_init``) and a request's
-set -- one adapter, a blend of several with scales, or none -- is put on the context with
-``llama_set_adapters_lora`` before the decodes of its sequences, so switching costs no reload
-of the base.
+set -- one adapter, a blend of several with scales, or none -- is put on a context with
+``llama_set_adapters_lora``, so a set costs no reload of the base.
 
-Generation is continuous batching (engine/serve/backends/llamacpp_batch.py): one llama.cpp
-context holds up to ``serve.max_batch`` sequences, each with its own KV cells, sampler and
-adapter set; ``generate`` runs one request through that batch alone. Every request evaluates
+Generation is continuous batching (engine/serve/backends/llamacpp_batch.py): up to
+``serve.max_batch`` sequences, each with its own KV cells, sampler and adapter set, in a home
+context and, for other adapter sets, side contexts with their set put on once (that module's
+doc says why); ``generate`` runs one request through that batch alone. Every request evaluates
 its whole prompt in its own KV sequence, so its answer never depends on what ran before (the
 serial backend's prefix-cache reuse is gone; see that module).
 
@@ -188,7 +188,7 @@ class LlamaCppBackend:
 
     ``self._llm`` holds the model, its vocabulary and metadata (tokenizing, the chat template);
     its own one-sequence context is left at the smallest size, since every decode runs in
-    ``self.batch``'s context. Not thread-safe by design: one thread drives the batch (the
+    ``self.batch``'s contexts. Not thread-safe by design: one thread drives the batch (the
     server's scheduler, or ``generate``). A ``generate`` still open when another starts ends
     with an error at its next step instead of silently losing the pieces the newer one's steps
     made for it.
