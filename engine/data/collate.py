@@ -120,6 +120,20 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def collate(
+    rows: list, pad_id: int, *, packing: bool = False, mask_dtype: torch.dtype = torch.float32, segments: bool = False
+) -> dict[str, torch.Tensor]:
+    """One micro-batch, whichever kind: packed rows (each a list of examples), preference pairs, or examples.
+
+    The one choice ``Batches`` and a streamed split (engine/data/stream.py) both make.
+    """
+    if packing:
+        return packed_collate(rows, pad_id, mask_dtype, segments)
+    if getattr(rows[0], "rejected", None) is not None:
+        return pair_collate(rows, pad_id)
+    return pad_collate(rows, pad_id)
+
+
 class Batches:
     """Micro-batches over a list of examples, sharded by rank, repeated over epochs."""
 
@@ -189,11 +203,9 @@ class Batches:
     def collate(self, batch: list[int]) -> dict[str, torch.Tensor]:
         if self.packing:
             rows = [[self.examples[i] for i in self.rows[r]] for r in batch]
-            return packed_collate(rows, self.pad_id, self.mask_dtype, self.segments)
-        examples = [self.examples[self.rows[r][0]] for r in batch]
-        if getattr(examples[0], "rejected", None) is not None:
-            return pair_collate(examples, self.pad_id)
-        return pad_collate(examples, self.pad_id)
+        else:
+            rows = [self.examples[self.rows[r][0]] for r in batch]
+        return collate(rows, self.pad_id, packing=self.packing, mask_dtype=self.mask_dtype, segments=self.segments)
 
     def stream(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Yield micro-batches forever, skipping the first ``start`` (resume position)."""

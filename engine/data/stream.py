@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 from engine.data.example import DataBundle, Example
@@ -90,13 +91,8 @@ class TrainStream:
         """
         from engine.data import collate as c  # torch: loaded when training starts
 
-        def collate(examples: list) -> dict:
-            if packing:
-                return c.packed_collate(examples, pad_id, mask_dtype or c.torch.float32, segments)
-            if examples[0].rejected is not None:
-                return c.pair_collate(examples, pad_id)
-            return c.pad_collate(examples, pad_id)
-
+        options = {"packing": packing, "mask_dtype": mask_dtype or c.torch.float32, "segments": segments}
+        collate = partial(c.collate, pad_id=pad_id, **options)
         out = StreamBatches(self, micro_batch_size=micro_batch_size, collate=collate, packing=packing, rank=rank, world=world)
         out.max_length = max_length or self.spec.max_length
         return out.start(seed, state)
