@@ -65,9 +65,7 @@ import numpy as np
 
 from engine.errors import UserError
 from engine.serve.backend import AdapterScale, GenerateRequest, Piece, check_ids
-
-AdapterSet = tuple[tuple[str, float], ...]
-"""(name, scale) pairs of one request's adapters, in request order; () is the base."""
+from engine.serve.backends.llamacpp_context import AdapterSet, Context
 
 _DECODE_COST = 1.8
 """What one ``llama_decode`` costs on its own, in tokens' worth (SmolLM2 Q4_1, 2 threads: ~9.5 ms, and ~5.3 ms a token)."""
@@ -118,13 +116,13 @@ class LlamaCppBatch:
         self._vocab = llm._model.vocab
         self._n_vocab = llm.n_vocab()
         self._loaded = adapters
-        self._home: _Context | None = self._context(size)
+        self._home: Context | None = self._context(size)
         if self._home is None:
             raise UserError(
                 f"llama.cpp could not make a context for {size} sequences of {context_length} tokens "
                 "(serve.max_batch x serve.context_length of KV cache); lower one of them"
             )
-        self._sides: list[_Context] = []
+        self._sides: list[Context] = []
         """Contexts of one adapter set each, beside the home context (module doc); at most ``size`` seats in all."""
         self._seqs: dict[int, _Seq] = {}
         self._failed: dict[int, BaseException] = {}
@@ -241,7 +239,7 @@ class LlamaCppBatch:
 
     # --- where a sequence lives ----------------------------------------------------------
 
-    def _contexts(self) -> list[_Context]:
+    def _contexts(self) -> list[Context]:
         return [self._home, *self._sides] if self._home is not None else []
 
     def _place(self) -> None:
@@ -255,7 +253,7 @@ class LlamaCppBatch:
             for n, seq in enumerate(seqs):
                 self._where(wanted, len(seqs) - n).take(seq)
 
-    def _where(self, wanted: AdapterSet, need: int) -> _Context:
+    def _where(self, wanted: AdapterSet, need: int) -> Context:
         """The context for one newcomer on ``wanted`` (``need``: its set's newcomers still unplaced).
 
         In order: a context that holds only this set and has room (the largest); an idle
@@ -279,8 +277,8 @@ class LlamaCppBatch:
         self._sides.append(side)
         return side
 
-    def _context(self, room: int) -> _Context | None:
-        return _Context.make(
+    def _context(self, room: int) -> Context | None:
+        return Context.make(
             self._lib,
             self._llm._model.model,
             room=room,
@@ -299,7 +297,7 @@ class LlamaCppBatch:
     # --- one step ----------------------------------------------------------------------
 
     @staticmethod
-    def _groups(context: _Context) -> list[list[_Seq]]:
+    def _groups(context: Context) -> list[list[_Seq]]:
         """The context's sequences by adapter set, the set already on it first (one switch fewer),
         each in seq id order: llama.cpp puts a run of consecutive seq ids in one ubatch and splits
         a decode at any other (``split_equal``), computing the graph once per piece."""
@@ -308,7 +306,7 @@ class LlamaCppBatch:
             groups.setdefault(seq.adapters, []).append(seq)
         return [groups[wanted] for wanted in sorted(groups, key=lambda g: g != context.on)]
 
-    def _halves(self, work: list[tuple[_Context, list[list[_Seq]]]]) -> tuple[list, list] | None:
+    def _halves(self, work: list[tuple[Context, list[list[_Seq]]]]) -> tuple[list, list] | None:
         """The busy contexts in two halves to decode side by side on half the threads each, or None.
 
         Why: on 2 cores a small decode gains little from a second thread (a 2-token decode took
@@ -327,7 +325,7 @@ class LlamaCppBatch:
             loads[lighter] += self._cost(item)
         return halves if max(loads) * _HALF_THREADS_SLOWER < sum(loads) else None
 
-    def _cost(self, item: tuple[_Context, list[list[_Seq]]]) -> float:
+    def _cost(self, item: tuple[Context, list[list[_Seq]]]) -> float:
         """A context's decodes this step, in tokens' worth (each decode costs a few on its own)."""
         return sum(_DECODE_COST + sum(seq.step_tokens(self.prefill_chunk) for seq in group) for group in item[1])
 
@@ -343,7 +341,7 @@ class LlamaCppBatch:
             out.update(future.result())
         return out
 
-    def _run(self, work: list[tuple[_Context, list[list[_Seq]]]], threads: int) -> dict[int, Piece | BaseException]:
+    def _run(self, work: list[tuple[Context, list[list[_Seq]]]], threads: int) -> dict[int, Piece | BaseException]:
         """The decodes of these contexts one after another, on ``threads`` threads each."""
         out: dict[int, Piece | BaseException] = {}
         for context, groups in work:
@@ -352,7 +350,7 @@ class LlamaCppBatch:
                 self._decode(context, seqs, out)
         return out
 
-    def _decode(self, context: _Context, seqs: list[_Seq], out: dict[int, Piece | BaseException]) -> None:
+    def _decode(self, context: Context, seqs: list[_Seq], out: dict[int, Piece | BaseException]) -> None:
         """One ``llama_decode`` for sequences of one context sharing an adapter set, then their samples."""
         batch, n, outputs = context.batch, 0, []
         for seq in seqs:
@@ -446,90 +444,6 @@ class LlamaCppBatch:
             raise UserError("this llama.cpp backend is closed")
 
 
-class _Context:
-    """One llama.cpp context: a KV stream for each of ``room`` sequences and one adapter set on it.
-
-    Why a stream per sequence (``kv_unified=False``, ``n_ctx = room * context_length``): each
-    request can use the whole ``serve.context_length`` whatever the others hold, and its
-    attention runs over its own cells laid out as when it runs alone (module doc).
-    """
-
-    def __init__(self, lib, ctx, *, room: int, tokens: int, threads: int):
-        self._lib = lib
-        self.ctx = ctx
-        self.room = room
-        self.memory = lib.llama_get_memory(ctx)
-        self.batch = lib.llama_batch_init(tokens, 0, 1)
-        self.free = list(range(room))
-        """Seq ids not in use, lowest first."""
-        self.seqs: dict[int, _Seq] = {}
-        """slot -> the sequences whose KV lives here."""
-        self.on: AdapterSet = ()
-        """The adapter set now on the context (llama.cpp starts with none)."""
-        self._threads = threads
-
-    @classmethod
-    def make(cls, lib, model, *, room: int, context_length: int, prefill_chunk: int, threads: int) -> _Context | None:
-        """A context for ``room`` sequences; None when llama.cpp cannot allocate it."""
-        params = lib.llama_context_default_params()
-        params.n_ctx = room * context_length
-        params.n_seq_max = room
-        params.kv_unified = False  # a KV stream per sequence (class doc)
-        # One decode may carry a chunk of every sequence's prompt (all newcomers at once). Sizing
-        # the compute buffer for one output per sequence (n_outputs_max) would halve it (99 -> 46
-        # MB) but made a step of 8 sequences on an adapter ~4% slower: llama.cpp's default stays.
-        tokens = room * prefill_chunk
-        params.n_batch = tokens
-        params.n_ubatch = min(tokens, 512)
-        params.n_threads = params.n_threads_batch = threads
-        params.no_perf = True
-        # As ``Llama`` makes its context (the serial backend's): the same numbers, token for token.
-        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        ctx = lib.llama_init_from_model(model, params)
-        return cls(lib, ctx, room=room, tokens=tokens, threads=threads) if ctx else None
-
-    def holds_only(self, wanted: AdapterSet) -> bool:
-        """Every sequence here is on ``wanted`` (and so is the context, when it holds none)."""
-        if not self.seqs:
-            return self.on == wanted
-        return all(seq.adapters == wanted for seq in self.seqs.values())
-
-    def take(self, seq: _Seq) -> None:
-        seq.context, seq.seq_id = self, self.free.pop(0)
-        self.seqs[seq.slot] = seq
-
-    def release(self, seq: _Seq) -> None:
-        """Free the sequence's KV cells and its seq id (lowest ids first: the same streams alone)."""
-        del self.seqs[seq.slot]
-        self._lib.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
-        self.free.append(seq.seq_id)
-        self.free.sort()
-
-    def threads(self, n: int) -> None:
-        """Decode on ``n`` threads from now on (a field of the context: nothing is re-planned)."""
-        if n != self._threads:
-            self._lib.llama_set_n_threads(self.ctx, n, n)
-            self._threads = n
-
-    def use(self, adapters: AdapterSet, handles: tuple) -> None:
-        """Put this adapter set on the context unless it is there already."""
-        if adapters == self.on:
-            return
-        lib, n = self._lib, len(handles)
-        pointers = (lib.llama_adapter_lora_p_ctypes * n)(*handles)
-        scales = (ctypes.c_float * n)(*(scale for _, scale in adapters))
-        if lib.llama_set_adapters_lora(self.ctx, pointers, n, scales) != 0:
-            raise RuntimeError(f"llama.cpp refused the adapter set {adapters}")
-        self.on = adapters
-
-    def close(self) -> None:
-        """Take the adapter set off, then free the batch and the context."""
-        lib = self._lib
-        lib.llama_set_adapters_lora(self.ctx, None, 0, None)
-        lib.llama_batch_free(self.batch)
-        lib.llama_free(self.ctx)
-
-
 @dataclass(eq=False)
 class _Seq:
     """One request in the batch: where its prompt reading stands, its sampler and its text."""
@@ -543,7 +457,7 @@ class _Seq:
     chain: object
     """Its ``llama_sampler`` chain; freed when the sequence ends."""
     text: _Text
-    context: _Context | None = None
+    context: Context | None = None
     """Where its KV lives; None until the step after it was added (``_place``)."""
     seq_id: int = -1
     pos: int = 0
