@@ -41,7 +41,7 @@ from engine.data.rules import (
     write_rejected,
 )
 from engine.data.shapes import SHAPES, Pair, RowError
-from engine.data.sources import Line, iter_rows, parse_line, read_rows
+from engine.data.sources import DataError, Line, iter_rows, parse_line, read_rows
 from engine.data.spec import DataSpec
 from engine.data.templates import template_source, templated
 from engine.data.tokens import tokenize, tokenize_pair
@@ -186,7 +186,7 @@ class StreamBatches:
             self.reader = _positioned(self.s.path, 0, 0)
             self.next = (0, 0)
             if not any(True for _ in _positioned(self.s.path, 0, 0)):
-                raise RuntimeError(f"data.path: {self.s.path} has no rows")
+                raise DataError(f"data.path: {self.s.path} has no rows")
             return self._draw()
         j = self.rng.randrange(len(self.buffer))
         self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
@@ -200,7 +200,10 @@ class StreamBatches:
             if ex is None:
                 misses += 1
                 if misses > 10 * self.buffer_size + 10_000:
-                    raise RuntimeError(f"data.path: no usable row in {misses} rows read from the stream ({self.rejected})")
+                    raise DataError(
+                        f"data.path: no usable row in {misses} rows read from the stream (rejected: {self.rejected}); "
+                        "check data.kind and data.fields against the file's columns"
+                    )
                 continue
             misses = 0
             yield i, p, ex
