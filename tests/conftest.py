@@ -187,18 +187,19 @@ def tiny_qwen2():
     return build_tiny_arch("qwen2")
 
 
-def save_adapter(dest: Path, seed: int) -> Path:
+def save_adapter(dest: Path, seed: int, **config) -> Path:
     """A random LoRA (A and B both non-zero, alpha/r = 8) on the tiny model, saved as PEFT saves it:
-    the adapter file the serving, chat and QA-matrix tests load."""
+    the adapter file the serving, chat and QA-matrix tests load. ``config``: other ``LoraConfig``
+    values (rank, targets, DoRA ...) in place of these."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from engine.model import TinySpec, build_tiny
 
     model, _ = build_tiny(TinySpec(kind="tiny"))
-    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
+    config = {"r": 4, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]} | config
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, target_modules=targets, init_lora_weights=False))
+        peft = get_peft_model(model, LoraConfig(init_lora_weights=False, **config))
     peft.save_pretrained(dest)
     return dest

@@ -16,27 +16,13 @@ import pytest
 from conftest import save_adapter
 
 
-def _save_lora(dest: Path, seed: int, **config) -> Path:
-    """A random LoRA on the tiny model (A and B non-zero), of this ``LoraConfig``."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from engine.model import TinySpec, build_tiny
-
-    model, _ = build_tiny(TinySpec(kind="tiny"))
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        get_peft_model(model, LoraConfig(init_lora_weights=False, **config)).save_pretrained(dest)
-    return dest
-
-
 def _save_dora(dest: Path) -> Path:
-    return _save_lora(dest, 5, r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], use_dora=True)
+    return save_adapter(dest, 5, r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], use_dora=True)
 
 
 def _save_wide(dest: Path) -> Path:
     """Another rank and other layers than ``save_adapter``'s (r=4 on q, v, o, down)."""
-    return _save_lora(dest, 3, r=8, lora_alpha=24, target_modules=["k_proj", "gate_proj", "up_proj", "v_proj"])
+    return save_adapter(dest, 3, r=8, lora_alpha=24, target_modules=["k_proj", "gate_proj", "up_proj", "v_proj"])
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +165,9 @@ def mixed(tmp_path_factory):
     saved = {
         "a": save_adapter(root / "a", seed=1),
         "w": _save_wide(root / "w"),
-        "t": _save_lora(root / "t", 4, r=2, lora_alpha=8, target_modules=["down_proj"]),
+        "t": save_adapter(root / "t", 4, r=2, lora_alpha=8, target_modules=["down_proj"]),
         "d": _save_dora(root / "d"),
-        "e": _save_lora(root / "e", 6, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+        "e": save_adapter(root / "e", 6, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
     }
     for name, path in saved.items():
         backend.load_adapter(name, path)
@@ -274,7 +260,7 @@ def test_an_adapter_loaded_between_steps_joins_the_stacks(mixed, tmp_path):
     from engine.serve.backends.lora_rows import BASE
 
     before = mixed.batch._stacks.get(mixed.peft, mixed.batch._mixable())
-    mixed.load_adapter("late", _save_lora(tmp_path / "late", 7, r=6, lora_alpha=12, target_modules=["o_proj", "up_proj"]))
+    mixed.load_adapter("late", save_adapter(tmp_path / "late", 7, r=6, lora_alpha=12, target_modules=["o_proj", "up_proj"]))
     after = mixed.batch._stacks.get(mixed.peft, mixed.batch._mixable())
     late = mixed._internal["late"]
     assert after is not before and after.covers([late]) and not before.covers([late])
