@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ JOB_NAME = "__main__"
 
 COUNTS = {"compose": 0}
 """How many times this process composed (tests assert one composition per run)."""
+
+
+_HYDRA = threading.RLock()
+"""Held while Hydra composes: its global state (``GlobalHydra``, ``HydraConfig``) is one per process."""
 
 
 @dataclass
@@ -104,30 +109,31 @@ def compose(argv: list[str], conf_dir: str = CONF_DIR, added: set[str] | None = 
     register_resolvers()
     COUNTS["compose"] += 1
     overrides = _overrides(argv)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name=JOB_NAME):
-            cfg = _compose_retrying(overrides, added)
-            HydraConfig.instance().set_config(cfg)
-            hydra = {
-                "choices": OmegaConf.to_container(cfg.hydra.runtime.choices),
-                "sources": OmegaConf.to_container(cfg.hydra.runtime.config_sources),
-                "run_dir": str(cfg.hydra.run.dir),
-                "sweep_dir": str(cfg.hydra.sweep.dir),
-                "multirun": parse_args(argv).multirun,
-                "tree": OmegaConf.to_container(cfg.hydra, resolve=False),
-            }
-            task = cfg.copy()
-            with open_dict(task):
-                del task["hydra"]
-            raw = OmegaConf.to_container(task, resolve=True)
-    except YAMLError as e:
-        raise ConfigError(_yaml_problem(e)) from None
-    except InterpolationResolutionError as e:  # ${oc.env:UNSET}, ${no.such.key}
-        why = str(e).splitlines()[0].split("resolving interpolation: ")[-1]
-        raise ConfigError(f"{e.full_key}: cannot resolve its interpolation: {why}") from None
-    finally:
+    with _HYDRA:  # Hydra's state is one per process: two threads composing at once would collide
         GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name=JOB_NAME):
+                cfg = _compose_retrying(overrides, added)
+                HydraConfig.instance().set_config(cfg)
+                hydra = {
+                    "choices": OmegaConf.to_container(cfg.hydra.runtime.choices),
+                    "sources": OmegaConf.to_container(cfg.hydra.runtime.config_sources),
+                    "run_dir": str(cfg.hydra.run.dir),
+                    "sweep_dir": str(cfg.hydra.sweep.dir),
+                    "multirun": parse_args(argv).multirun,
+                    "tree": OmegaConf.to_container(cfg.hydra, resolve=False),
+                }
+                task = cfg.copy()
+                with open_dict(task):
+                    del task["hydra"]
+                raw = OmegaConf.to_container(task, resolve=True)
+        except YAMLError as e:
+            raise ConfigError(_yaml_problem(e)) from None
+        except InterpolationResolutionError as e:  # ${oc.env:UNSET}, ${no.such.key}
+            why = str(e).splitlines()[0].split("resolving interpolation: ")[-1]
+            raise ConfigError(f"{e.full_key}: cannot resolve its interpolation: {why}") from None
+        finally:
+            GlobalHydra.instance().clear()
     raw["recipe"] = hydra["choices"].get("recipe")
     return Composed(raw=raw, hydra=hydra, cfg=cfg)
 
