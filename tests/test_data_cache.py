@@ -181,6 +181,27 @@ def test_a_killed_preparation_leaves_no_entry_that_is_read(tok, tmp_path, cache_
     assert [d.name for d in cache_dir.iterdir()] == [b.metrics["cache_key"]]
 
 
+@pytest.mark.parametrize("damage", ["rows.arrow", "train.npy", "meta.json"])
+def test_a_damaged_entry_is_prepared_again_not_read(damage, tok, tmp_path, cache_dir, capsys):
+    """A file of an entry deleted or cut short (by hand, a full disk) is a miss with a notice, not a traceback."""
+    spec = DataSpec(kind="instruction", path=QA)
+    first = prepare(spec, tok, seed=0)
+    expected = list(first.splits["train"])
+    entry = cache_dir / first.metrics["cache_key"]
+    head = (entry / damage).read_bytes()[:40]
+    (entry / damage).unlink()  # a new file, not truncated in place: ``first`` still maps the old one
+    if damage != "meta.json":
+        (entry / damage).write_bytes(head)
+    capsys.readouterr()
+    again = prepare(spec, tok, seed=0)
+    out = capsys.readouterr().out
+    assert again.metrics["cache_hit"] is False and again.metrics["cache_key"] == first.metrics["cache_key"]
+    assert f"cache entry {first.metrics['cache_key']} is damaged" in out
+    same_examples(list(again.splits["train"]), expected)
+    assert prepare(spec, tok, seed=0).metrics["cache_hit"] is True
+    assert [d.name for d in cache_dir.iterdir()] == [first.metrics["cache_key"]]
+
+
 def test_batching_reads_stored_lengths_not_examples(tok, tmp_path):
     from engine.data.collate import Batches
 

@@ -109,20 +109,49 @@ def prepare_cached(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | None
     split_seed = spec.seed if spec.seed is not None else seed
     key = cache_key(spec, tokenizer, seed=seed, source=source)
     entry = data_cache_dir() / key
-    hit = (entry / META).is_file()
     t0 = time.perf_counter()
+    opened = _open(entry)
+    hit = opened is not None
     if not hit:
         _prepare_entry(spec, tokenizer, seed=split_seed, source=source, entry=entry, run_dir=run_dir)
-    meta = json.loads((entry / META).read_text())
+        opened = _open(entry)
+        if opened is None:
+            raise RuntimeError(f"the data cache entry {key} was removed while it was being opened")
+    meta, splits = opened
     names = {s.index: s.path for s in sources(spec)}
     if run_dir is not None:
         rejected = _read_rejected(entry, names)
         if rejected:
             write_rejected(rejected, run_dir)
-    splits = _splits(entry, pairs=meta["pairs"])
     metrics = data_metrics(spec, templated=bool(source), rejects=meta["rejected_by_reason"], **meta["counts"])
     metrics |= {"cache_key": key, "cache_hit": hit, "prepare_seconds": round(time.perf_counter() - t0, 2)}
     return DataBundle(splits, source or (tokenizer.chat_template or ""), metrics, batching_of(spec))
+
+
+def _open(entry: Path) -> tuple[dict, dict] | None:
+    """(meta, splits) of a complete entry; None for no entry. A damaged one (a file deleted or cut short
+    by hand or by a full disk) is set aside with a notice and counts as a miss: it is prepared again."""
+    if not entry.is_dir():
+        return None
+    try:
+        meta = json.loads((entry / META).read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')}, expected {FORMAT}")
+        return meta, _splits(entry, pairs=meta["pairs"])
+    except Exception as e:  # noqa: BLE001 - whatever broke the entry, preparing it again is the fix
+        print(f"[engine] data: cache entry {entry.name} is damaged ({type(e).__name__}); preparing it again", flush=True)
+        _set_aside(entry)
+        return None
+
+
+def _set_aside(entry: Path) -> None:
+    """Move a damaged entry out of the way in one rename (a reader never sees half of it), then delete it."""
+    aside = entry.parent / f".tmp-damaged-{entry.name}-{os.getpid()}"
+    try:
+        os.replace(entry, aside)
+    except OSError:
+        return  # another process moved or replaced it first
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _splits(entry: Path, *, pairs: bool) -> dict:
@@ -134,6 +163,10 @@ def _splits(entry: Path, *, pairs: bool) -> dict:
 
     rows = Dataset.from_file(str(entry / ROWS_FILE))
     indices = {name: np.load(entry / f"{name}.npy") for name in SPLITS}
+    n = len(rows)
+    for name, idx in indices.items():
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"{name}.npy points past the {n} stored rows")
     return {name: StoredSplit(rows, idx, pairs=pairs) if len(idx) else [] for name, idx in indices.items()}
 
 
