@@ -1,7 +1,7 @@
 """Data at scale (issue 30): prepare a million rows once, reuse them, stream what does not fit.
 
     python bench/data_scale.py                                  # 1,000,000 rows, every case
-    python bench/data_scale.py --rows 20000 --cases prepare,baseline,second
+    python bench/data_scale.py --rows 20000 --cases prepare,baseline,baseline_encoder,second
     python bench/data_scale.py --cases stream --stream-gb 0.5 5
 
 Cases (each a fresh process, as a user runs it; files under --work, default /tmp/engine_data_scale):
@@ -9,10 +9,16 @@ Cases (each a fresh process, as a user runs it; files under --work, default /tmp
 - ``prepare``: ``engine data=auto data.path=rows.jsonl 'stages=[prepare_data]'`` on an empty
   data cache: wall time, engine's own "prepared N rows in X s" line, peak RSS (the largest
   process, from /usr/bin/time -v, and the sum over the process tree, sampled with psutil).
-- ``baseline``: a plain ``datasets`` pipeline doing the same rendering and tokenization in the
-  same run: ``load_dataset("json")`` + ``Dataset.map(batched=True, num_proc=cores)`` calling
-  engine's renderer and tokenizer (``engine.data.tokens.encode_many``), nothing else (no
-  normalisation, dedupe, split or reports): rows/s of the load + map.
+- ``baseline``: the plain ``datasets`` pipeline a user writes for the same examples, in the same
+  run: ``load_dataset("json")`` + ``Dataset.map(batched=True, num_proc=cores)`` whose function
+  renders each conversation and its prompt with ``tokenizer.apply_chat_template``, tokenizes the
+  batch with the fast tokenizer (offsets on, truncation at max_length) and labels the tokens that
+  start after the prompt and before the turn's trailing newline. Its ids and labels equal engine's
+  (checked on the first 2,000 rows before timing). Nothing else: no normalisation, dedupe, split
+  or reports. rows/s of the load + map.
+- ``baseline_encoder``: the same ``datasets`` pipeline, its map calling engine's own renderer and
+  tokenizer (``engine.data.tokens.encode_many``) instead: what engine's per-row extras cost
+  (reading and checking every row, normalisation, dedupe and split digests, the stored messages).
 - ``second``: the same command with ``stages=[prepare_data,train] train.max_steps=1`` on the warm
   cache: seconds from the command to the training loop's start (its first step begins) and to the
   end of that step, and whether anything was prepared.
@@ -161,18 +167,39 @@ from engine.data.tokens import encode_many
 from transformers import AutoTokenizer
 from datasets import load_dataset
 
-path, procs = sys.argv[1], int(sys.argv[2])
+path, procs, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cfg = load(["stages=[prepare_data]", "data=auto", f"data.path={path}"])
 tok = AutoTokenizer.from_pretrained(convert_gguf_once(cfg.model.package, cfg.model.file, progress=False))
 source = template_source(cfg.data.template, tok)
+assert source == tok.chat_template, "the plain baseline renders with the tokenizer's own template"
+max_length = cfg.data.max_length
 
-def fn(batch):
+def conversations(batch):
     convs = []
     for ins, inp, out in zip(batch["instruction"], batch["input"], batch["output"]):
         user = ins + ("\n\n" + inp if inp else "")
         convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": out}])
-    enc = encode_many(source, convs, tok, cfg.data.max_length, False)
+    return convs
+
+def plain(batch):
+    convs = conversations(batch)
+    texts = tok.apply_chat_template(convs, tokenize=False)
+    prompts = tok.apply_chat_template([c[:-1] for c in convs], tokenize=False, add_generation_prompt=True)
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length)
+    labels = [
+        [i if len(p) <= o[0] < len(t.rstrip()) else -100 for i, o in zip(ids, offsets)]
+        for ids, offsets, p, t in zip(enc["input_ids"], enc["offset_mapping"], prompts, texts)
+    ]
+    return {"input_ids": enc["input_ids"], "labels": labels}
+
+def encoder(batch):
+    enc = encode_many(source, conversations(batch), tok, max_length, False)
     return {"input_ids": [e[0] for e in enc], "labels": [e[1] for e in enc]}
+
+fn = {"plain": plain, "encoder": encoder}[mode]
+head = [json.loads(line) for _, line in zip(range(2000), open(path))]
+batch = {k: [r[k] for r in head] for k in ("instruction", "input", "output")}
+assert fn(batch) == encoder(batch), "the baseline's ids and labels are engine's"
 
 t0 = time.perf_counter()
 ds = load_dataset("json", data_files=path, split="train", cache_dir=os.environ["BASELINE_CACHE"])
@@ -185,7 +212,7 @@ print(json.dumps({"rows": len(ds), "seconds": round(dt, 1), "rows_per_s": round(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--cases", default="prepare,baseline,second,train_rss,stream")
+    ap.add_argument("--cases", default="prepare,baseline,baseline_encoder,second,train_rss,stream")
     ap.add_argument("--stream-gb", type=float, nargs="*", default=[0.5, 5.0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/engine_data_scale"))
     ap.add_argument("--json", type=Path, default=None, help="write the results here too")
@@ -219,15 +246,17 @@ def main() -> None:
         r = engine([*base, "stages=[prepare_data]"], work, env)
         out["prepare"] = {k: r[k] for k in ("rc", "wall_s", "max_rss_gb", "tree_rss_gb", "prepared")}
         print("prepare", json.dumps(out["prepare"]), flush=True)
-    if "baseline" in cases:
+    for case, mode in (("baseline", "plain"), ("baseline_encoder", "encoder")):
+        if case not in cases:
+            continue
         bdir = work / "baseline_cache"
         shutil.rmtree(bdir, ignore_errors=True)
-        r = measured([sys.executable, "-c", BASELINE, str(rows), str(procs)], {**env, "BASELINE_CACHE": str(bdir)})
+        r = measured([sys.executable, "-c", BASELINE, str(rows), str(procs), mode], {**env, "BASELINE_CACHE": str(bdir)})
         line = [x for x in r["stdout"].splitlines() if x.startswith("{")]
-        out["baseline"] = {"rc": r["rc"], "max_rss_gb": r["max_rss_gb"], "tree_rss_gb": r["tree_rss_gb"]}
-        out["baseline"] |= json.loads(line[-1]) if line else {"error": r["stderr_tail"][-500:]}
+        out[case] = {"rc": r["rc"], "max_rss_gb": r["max_rss_gb"], "tree_rss_gb": r["tree_rss_gb"]}
+        out[case] |= json.loads(line[-1]) if line else {"error": r["stderr_tail"][-500:]}
         shutil.rmtree(bdir, ignore_errors=True)
-        print("baseline", json.dumps(out["baseline"]), flush=True)
+        print(case, json.dumps(out[case]), flush=True)
     if "second" in cases:
         r = engine([*base, "stages=[prepare_data,train]", "train.max_steps=1"], work, train_env)
         prep = (r["metrics"] or {}).get("prepare_data", {})

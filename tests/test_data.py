@@ -121,6 +121,30 @@ def test_shape_x_template_exact_text_and_label_mask(shape, template, tok, tmp_pa
     assert ex_all.labels == ex_all.input_ids
 
 
+@pytest.mark.parametrize("kind", ["tiny", "llama3_bpe", "sp_first", "sp_always"])
+def test_span_ends_found_from_the_encoding_equal_bisecting_every_offset(kind, tok, tmp_path):
+    """Where a label span starts and ends is read from the encoding (``char_to_token``) instead of every
+    token's offsets: the same token index as bisecting the offsets, at every character of awkward text."""
+    from bisect import bisect_left
+
+    from test_export_presets import tokenizer_of
+
+    from engine.data.tokens import _FirstAt
+
+    t = tok if kind == "tiny" else tokenizer_of(kind, tmp_path / kind)
+    texts = [
+        "<|im_start|>user\nWhat is a wetland?<|im_end|>\n<|im_start|>assistant\nLand, under   water.<|im_end|>\n",
+        "Café naïve — ünïcödé 🌊🌱 mixed\twith\ttabs\n\n\nand  double  spaces ",
+        "  leading blanks, 12345 digits, 😀😀 and a trailing emoji 🌍",
+        "x",
+    ]
+    for text in texts:
+        enc = t._tokenizer.encode(text, add_special_tokens=False)
+        first_at = _FirstAt(enc, len(text))
+        for pos in range(len(text) + 1):
+            assert first_at(pos) == bisect_left(enc.offsets, pos, key=lambda o: o[0]), (kind, text, pos)
+
+
 def test_text_shape_trains_on_every_token_and_ends_with_eos(tok, tmp_path):
     spec = DataSpec(kind="text", path=str(write_rows([{"text": "x"}], "jsonl", tmp_path / "text.jsonl")))
     msgs = SHAPES.get("text").builder(spec, {"text": "  Peat stores  carbon.\r\n"})

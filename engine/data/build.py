@@ -283,8 +283,12 @@ def _digests(seed: int, key: str) -> tuple[bytes, bytes]:
     return hashlib.sha256(key.encode()).digest()[:16], bytes.fromhex(split_order(seed, key))
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
 def _json(value) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    """``json.dumps(value, ensure_ascii=False)`` without building an encoder per call."""
+    return _JSON.encode(value)
 
 
 def _labelled(labels: list[int]) -> int:

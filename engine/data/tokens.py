@@ -45,21 +45,21 @@ def encode_many(
             ids = bos + ids + eos
             out[k] = _cut(ids, list(ids), max_length)
     if chat:
-        ids_list, offsets_list = _encode_with_offsets(tokenizer, [t for _, t, _ in chat])
-        for (k, _, spans), ids, offsets in zip(chat, ids_list, offsets_list, strict=True):
-            out[k] = _cut(ids, list(ids) if train_on_prompt else _span_labels(ids, offsets, spans), max_length)
+        for (k, _, spans), (ids, first_at) in zip(chat, _encode(tokenizer, [t for _, t, _ in chat]), strict=True):
+            out[k] = _cut(ids, list(ids) if train_on_prompt else _span_labels(ids, spans, first_at), max_length)
     return out
 
 
-def _span_labels(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+def _span_labels(ids: list[int], spans: list[tuple[int, int]], first_at) -> list[int]:
     """Each token's id where it starts inside an assistant span, else IGNORE.
 
-    A tokenizer's offsets run left to right through the text, so the tokens starting inside a span
-    are one run, found by bisection (no per-token Python loop over a long row).
+    ``first_at(pos)`` is the index of the first token starting at or after character ``pos``: a
+    tokenizer's offsets run left to right through the text, so the tokens starting inside a span are
+    one run (no per-token Python loop over a long row).
     """
     labels = [IGNORE] * len(ids)
     for s, e in spans:
-        a, b = bisect_left(offsets, s, key=_start), bisect_left(offsets, e, key=_start)
+        a, b = first_at(s), first_at(e)
         labels[a:b] = ids[a:b]
     return labels
 
@@ -68,18 +68,57 @@ def _start(offset: tuple[int, int]) -> int:
     return offset[0]
 
 
-def _encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """Ids and character offsets of each text, no special tokens added.
+def _encode(tokenizer, texts: list[str]) -> list[tuple[list[int], object]]:
+    """(ids, ``first_at``) of each text, no special tokens added.
 
     A fast tokenizer's own ``encode_batch`` is what ``tokenizer(texts, ...)`` calls too; calling it
-    directly skips building a BatchEncoding of Python lists (a third of the time, measured).
+    directly skips building a BatchEncoding of Python lists. Span ends are found by asking the
+    encoding which token holds a character (``_FirstAt``), not by converting every token's offsets
+    to Python tuples (measured: 16-49 us a 110-token row, against ~2 for the lookups).
     """
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch"):
         encodings = backend.encode_batch(texts, add_special_tokens=False)
-        return [e.ids for e in encodings], [e.offsets for e in encodings]
+        return [(e.ids, _FirstAt(e, len(t))) for e, t in zip(encodings, texts, strict=True)]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return enc["input_ids"], enc["offset_mapping"]
+    return [(ids, _bisecting(offsets)) for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+
+
+def _bisecting(offsets):
+    return lambda pos: bisect_left(offsets, pos, key=_start)
+
+
+class _FirstAt:
+    """The first token starting at or after a character, from one ``tokenizers.Encoding``.
+
+    The token holding the character is asked for (``char_to_token``), stepped past if it starts
+    before it, and the answer checked against its neighbours' starts: exactly what bisecting the
+    offsets returns. Where the encoding cannot say (a character no token covers), the offsets are
+    bisected after all.
+    """
+
+    __slots__ = ("enc", "length", "n")
+
+    def __init__(self, enc, length: int):
+        self.enc, self.length, self.n = enc, length, len(enc)
+
+    def __call__(self, pos: int) -> int:
+        t = self.enc.char_to_token(pos) if pos < self.length else self.n
+        if t is not None:
+            start = self._start(t)
+            if start is not None and start < pos:
+                t, start = t + 1, self._start(t + 1)
+            before = self._start(t - 1) if t > 0 else -1
+            if start is not None and start >= pos and before is not None and before < pos:
+                return t
+        return bisect_left(self.enc.offsets, pos, key=_start)
+
+    def _start(self, t: int) -> int | None:
+        """Token ``t``'s first character (``length`` past the last token; None if the encoding has none)."""
+        if t >= self.n:
+            return self.length
+        chars = self.enc.token_to_chars(t)
+        return chars[0] if chars is not None else None
 
 
 def _cut(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], int]:
