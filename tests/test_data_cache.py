@@ -147,17 +147,39 @@ def test_what_changes_the_examples_changes_the_key(tok, tmp_path, cache_dir):
     assert len([d for d in cache_dir.iterdir() if not d.name.startswith(".")]) == 5
 
 
+def awkward_jsonl(path: Path, rows: list) -> Path:
+    """``rows`` as JSONL with what a real file holds: a BOM, blank lines (one only a no-break space),
+    a line of broken JSON and one that is not UTF-8."""
+    lines = [json.dumps(r).encode() + b"\n" for r in rows]
+    lines[5:5] = [b"\n", b"  \t\n", "\u00a0\n".encode()]
+    lines[20:20] = [b'{"instruction": "broken\n', b"\xff\xfe not utf-8\n"]
+    path.write_bytes(b"\xef\xbb\xbf" + b"".join(lines) + b"\n\n")
+    return path
+
+
 def test_worker_processes_prepare_what_one_process_does(tok, tmp_path, monkeypatch):
-    """More than two batches across 2 forked workers: the same entry content as in one process."""
+    """More than two batches across 2 forked workers (a JSONL file read as blocks of lines): the same
+    examples, metrics and rejected.jsonl (line and row numbers) as in one process and in memory."""
     import engine.data.build as build
 
     monkeypatch.setattr(build, "BATCH", 16)
-    spec = DataSpec(kind="instruction", path=str(write_rows(messy_rows(60), "jsonl", tmp_path / "d.jsonl")), max_length=64)
-    two = prepare(spec.model_copy(update={"num_proc": 2}), tok, seed=0)
-    memory = prepare_in_memory(spec, tok, seed=0)
+    path = awkward_jsonl(tmp_path / "d.jsonl", messy_rows(60))
+    spec = DataSpec(kind="instruction", path=str(path), max_length=64)
+    runs = {name: tmp_path / name for name in ("two", "one", "memory")}
+    for d in runs.values():
+        d.mkdir()
+    two = prepare(spec.model_copy(update={"num_proc": 2}), tok, seed=0, run_dir=runs["two"])
+    shutil.rmtree(tmp_path / "cache")
+    one = prepare(spec.model_copy(update={"num_proc": 1}), tok, seed=0, run_dir=runs["one"])
+    memory = prepare_in_memory(spec, tok, seed=0, run_dir=runs["memory"])
     for name in ("train", "validation", "test"):
         same_examples(two.splits[name], memory.splits[name])
-    assert without_cache(two.metrics) == memory.metrics
+        same_examples(one.splits[name], memory.splits[name])
+    assert without_cache(two.metrics) == without_cache(one.metrics) == memory.metrics
+    rejected = [(d / "rejected.jsonl").read_text() for d in runs.values()]
+    assert rejected[0] == rejected[1] == rejected[2]
+    reasons = {json.loads(line)["reason"] for line in rejected[0].splitlines()}
+    assert {"duplicate", "invalid JSON", "undecodable"} <= reasons, reasons
 
 
 def test_a_killed_preparation_leaves_no_entry_that_is_read(tok, tmp_path, cache_dir, monkeypatch):

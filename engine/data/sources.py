@@ -228,9 +228,49 @@ def _jsonl_lines(path: Path, key: str) -> Iterator[Line]:
     _not_one_array(path, key)
     with open(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
-            raw = raw.removeprefix(b"\xef\xbb\xbf") if i == 1 else raw
-            if not _blank(raw):
-                yield Line(raw, i)
+            line = _line(raw, i)
+            if line is not None:
+                yield line
+
+
+def _line(raw: bytes, number: int) -> Line | None:
+    """Line ``number`` of a JSONL file as a row to parse; None for a blank line (not a row). Line 1 loses its BOM."""
+    raw = raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw
+    return None if _blank(raw) else Line(raw, number)
+
+
+def jsonl_file(path: str) -> bool:
+    """A local .jsonl file: what ``iter_line_blocks`` reads."""
+    p = Path(path).expanduser()
+    return not path.startswith(HUB_PREFIX) and p.suffix.lower() == ".jsonl" and not p.is_dir()
+
+
+def iter_line_blocks(path: str, key: str, size: int) -> Iterator[tuple[int, list[bytes]]]:
+    """A JSONL file cut into blocks of ``size`` raw lines: (1-based number of the block's first line, lines).
+
+    Why: the reading process of a preparation only cuts the file; its workers find the rows
+    (``block_rows``), so reading a million rows costs the reader a list per block, not an object
+    per row. The same errors as ``iter_rows`` for an unreadable file or one JSON array; a file
+    without a row is for the caller to report (``no_rows``) once the workers have counted them.
+    """
+    p = Path(path).expanduser()
+    with _reading(p, ".jsonl", key):
+        _not_one_array(p, key)
+        with open(p, "rb") as f:
+            first = 1
+            while lines := list(islice(f, size)):
+                yield first, lines
+                first += len(lines)
+
+
+def block_rows(first: int, lines: list[bytes]) -> list[Line]:
+    """The rows of a block from ``iter_line_blocks``: its lines that are not blank, numbered as in the file."""
+    return [line for j, raw in enumerate(lines) if (line := _line(raw, first + j)) is not None]
+
+
+def no_rows(path: str, key: str) -> DataError:
+    """The error for a file that gave no row at all (what ``iter_rows`` raises itself)."""
+    return DataError(_empty(Path(path).expanduser(), key))
 
 
 def _jsonl(path: Path, key: str, limit: int | None = None) -> list[dict | BadRow]:
