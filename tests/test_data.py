@@ -145,6 +145,26 @@ def test_span_ends_found_from_the_encoding_equal_bisecting_every_offset(kind, to
             assert first_at(pos) == bisect_left(enc.offsets, pos, key=lambda o: o[0]), (kind, text, pos)
 
 
+@pytest.mark.parametrize(
+    "messages",
+    [
+        SINGLE,
+        MULTI,
+        [{"role": "user", "content": 'quotes " \\ back\\slash, \x00\x1f\t control, \u2028 sep, café 🌊 \ud7ff'}],
+        [{"role": "user", "content": "x", "name": "extra key"}],
+        [{"content": "keys the other way", "role": "user"}],
+        [{"role": "user", "content": ["not", "text"]}],
+        [],
+    ],
+)
+def test_messages_json_writes_what_json_dumps_does(messages):
+    """The stored messages and the dedupe key, written in one pass, are byte for byte ``json.dumps``'s."""
+    from engine.data.rules import dedupe_key, messages_json
+
+    assert messages_json(messages) == (json.dumps(messages, ensure_ascii=False), dedupe_key(messages))
+    assert dedupe_key(messages) == json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+
 def test_text_shape_trains_on_every_token_and_ends_with_eos(tok, tmp_path):
     spec = DataSpec(kind="text", path=str(write_rows([{"text": "x"}], "jsonl", tmp_path / "text.jsonl")))
     msgs = SHAPES.get("text").builder(spec, {"text": "  Peat stores  carbon.\r\n"})

@@ -36,6 +36,7 @@ from engine.data.rules import (
     SPLITS,
     across_detail,
     dedupe_key,
+    messages_json,
     no_answer_detail,
     ratios,
     row_data,
@@ -311,9 +312,9 @@ def _array(values: list, type_: pa.DataType) -> pa.Array:
 def _values(src: int, i: int, msgs: list[dict], seed: int, encoded: tuple) -> tuple:
     """One conversation's row, in ``SCHEMA``'s column order."""
     ids, labels, cut = encoded
-    key = dedupe_key(msgs)
+    text, key = messages_json(msgs)
     digest, order = _digests(seed, key)
-    return (src, i, digest, order, _json(msgs), None, ids, labels, None, None, None, len(ids), 0, _labelled(labels), 0, cut)
+    return (src, i, digest, order, text, None, ids, labels, None, None, None, len(ids), 0, _labelled(labels), 0, cut)
 
 
 def _pair_values(src: int, i: int, pair: Pair, seed: int, chosen: tuple, rejected: tuple) -> tuple:

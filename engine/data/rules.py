@@ -66,6 +66,30 @@ def dedupe_key(msgs: list[dict] | Pair) -> str:
     return _KEY_JSON.encode(example_data(msgs))
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False)
+_ROLE_CONTENT = ("role", "content")
+
+
+def messages_json(msgs: list[dict]) -> tuple[str, str]:
+    """(``json.dumps(msgs, ensure_ascii=False)``, ``dedupe_key(msgs)``) of a conversation.
+
+    Why both at once: a million-row preparation stores the one and hashes the other for every row.
+    Messages of exactly a role and a text (what every shape builds) escape each text once and
+    write both strings around it, in the two key orders; anything else goes through the encoders.
+    """
+    if all(isinstance(m, dict) and tuple(m) == _ROLE_CONTENT and isinstance(m["content"], str) for m in msgs):
+        parts = [(_string(m["role"]), _string(m["content"])) for m in msgs]
+        plain = ", ".join(f'{{"role": {r}, "content": {c}}}' for r, c in parts)
+        keyed = ", ".join(f'{{"content": {c}, "role": {r}}}' for r, c in parts)
+        return f"[{plain}]", f"[{keyed}]"
+    return _JSON.encode(msgs), dedupe_key(msgs)
+
+
+def _string(value) -> str:
+    """A JSON string as ``json.dumps(..., ensure_ascii=False)`` writes it (a role that is not text: its JSON)."""
+    return json.encoder.encode_basestring(value) if isinstance(value, str) else _JSON.encode(value)
+
+
 def split_order(seed: int, key: str) -> str:
     """Where an example sorts in the seeded split: the same on every machine."""
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
