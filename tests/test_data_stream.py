@@ -69,14 +69,60 @@ def test_ranks_take_alternate_batches_of_one_stream(tok, tmp_path):
 def test_held_out_files_are_prepared_and_kept_out_of_the_stream(tok, tmp_path):
     data = rows(12)
     path = write_rows(data, "jsonl", tmp_path / "d.jsonl")
+    with open(path, "ab") as f:
+        f.write(b"\n{broken\n")  # a blank line (not a row), then line 15: not JSON
     val = write_rows(data[:3], "jsonl", tmp_path / "v.jsonl")
-    bundle = prepare(DataSpec(kind="instruction", path=str(path), validation_path=str(val), streaming=True), tok, seed=0)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    spec = DataSpec(kind="instruction", path=str(path), validation_path=str(val), streaming=True)
+    bundle = prepare(spec, tok, seed=0, run_dir=run_dir)
     assert len(bundle.splits["validation"]) == 3 and bundle.metrics["streaming"] is True
     batches = bundle.splits["train"].batches(micro_batch_size=9, pad_id=tok.pad_token_id, seed=0)
     next(batches), next(batches)  # every row of the first epoch drawn
     rejected = batches.state()["rejected"]
     assert rejected["duplicate across splits"] >= 3 and rejected["missing field"] >= 1
     assert len(bundle.splits["train"][:4]) == 4  # what preview_data prints: the first rows
+    # Each row skipped in the first pass is reported once, with its row number, reason and content.
+    report = [json.loads(line) for line in (run_dir / "rejected_stream.jsonl").read_text().splitlines()]
+    by_row = {r["row"]: r for r in report}
+    assert len(by_row) == len(report) == 5 and set(by_row) == {0, 1, 2, 12, 13}
+    assert {by_row[i]["reason"] for i in (0, 1, 2)} == {"duplicate across splits"}
+    assert by_row[0]["data"][1]["content"] == data[0]["output"].strip()
+    assert by_row[12]["reason"] == "missing field" and by_row[12]["data"] == {"instruction": "no output"}
+    assert by_row[13]["reason"] == "invalid JSON" and by_row[13]["detail"].startswith("line 15:")
+    assert {r["file"] for r in report} == {"d.jsonl"}  # named, not a local path
+
+
+def test_a_resumed_stream_reports_each_skipped_row_once(tok, tmp_path):
+    """Rows skipped after a checkpoint are met again on resume: the report is cut back to the
+    checkpoint's count first, so it ends as an uninterrupted run's does."""
+    path = write_rows(rows(20), "jsonl", tmp_path / "d.jsonl")
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[12:12] = [b"{broken two\n"]
+    lines[3:3] = [b"{broken one\n"]
+    path.write_bytes(b"".join(lines))
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = DataSpec(kind="instruction", path=str(path), streaming=True, shuffle_buffer=4)
+    train = prepare(spec, tok, seed=0, run_dir=run).splits["train"]
+    report = run / "rejected_stream.jsonl"
+    kw = {"micro_batch_size": 2, "pad_id": tok.pad_token_id, "seed": 3}
+    whole = train.batches(**kw)
+    while whole.epoch == 0 or whole.batch_index < 14:  # the whole first pass, and into the second
+        next(whole)
+    expected = report.read_text()
+    assert sorted(json.loads(x)["reason"] for x in expected.splitlines()) == ["invalid JSON", "invalid JSON", "missing field"]
+
+    crashed = train.batches(**kw)  # a new run: the report starts empty
+    assert report.read_text() == ""
+    next(crashed)
+    state = json.loads(json.dumps(crashed.state()))
+    while crashed.reported == state["reported"] or crashed.epoch == 0:  # skipped rows past the checkpoint
+        next(crashed)
+    resumed = train.batches(**kw, state=state)
+    while resumed.epoch == 0 or resumed.batch_index < 14:
+        next(resumed)
+    assert report.read_text() == expected
 
 
 def test_streaming_config_errors_exit_2(tmp_path):
@@ -98,6 +144,7 @@ def test_kill_and_resume_on_a_stream_is_bit_identical(tmp_path, monkeypatch):
     from engine.pipeline import run
 
     path = write_rows(rows(30), "jsonl", tmp_path / "d.jsonl")
+    path.write_bytes(b"\n{broken\n" + path.read_bytes())  # a blank line, then row 0 on line 2: not JSON
     cfg = compose(
         [
             *QUICK_TRAIN,
@@ -136,3 +183,9 @@ def test_kill_and_resume_on_a_stream_is_bit_identical(tmp_path, monkeypatch):
         [json.loads(x)["loss"] for x in (d / "train_log.jsonl").read_text().splitlines()] for d in (resumed, tmp_path / "whole")
     ]
     assert losses[0] == losses[1]
+    # The rows the stream skipped: reported once each, the same after a kill and a resume.
+    reports = [(d / "rejected_stream.jsonl").read_text() for d in (resumed, tmp_path / "whole")]
+    skipped = [json.loads(x) for x in reports[0].splitlines()]
+    assert reports[0] == reports[1] and [(r["row"], r["reason"]) for r in skipped] == [(0, "invalid JSON")]
+    assert skipped[0]["detail"].startswith("line 2:") and skipped[0]["file"] == "d.jsonl"
+    assert ctx.metrics["train"]["stream_rows_skipped"]["invalid JSON"] >= 1

@@ -228,12 +228,12 @@ def _jsonl_lines(path: Path, key: str) -> Iterator[Line]:
     _not_one_array(path, key)
     with open(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
-            line = _line(raw, i)
+            line = jsonl_row(raw, i)
             if line is not None:
                 yield line
 
 
-def _line(raw: bytes, number: int) -> Line | None:
+def jsonl_row(raw: bytes, number: int) -> Line | None:
     """Line ``number`` of a JSONL file as a row to parse; None for a blank line (not a row). Line 1 loses its BOM."""
     raw = raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw
     return None if _blank(raw) else Line(raw, number)
@@ -265,7 +265,7 @@ def iter_line_blocks(path: str, key: str, size: int) -> Iterator[tuple[int, list
 
 def block_rows(first: int, lines: list[bytes]) -> list[Line]:
     """The rows of a block from ``iter_line_blocks``: its lines that are not blank, numbered as in the file."""
-    return [line for j, raw in enumerate(lines) if (line := _line(raw, first + j)) is not None]
+    return [line for j, raw in enumerate(lines) if (line := jsonl_row(raw, first + j)) is not None]
 
 
 def no_rows(path: str, key: str) -> DataError:

@@ -15,12 +15,15 @@ uninterrupted run would have drawn. Every rank reads the same stream and keeps e
 What differs from map-style data (docs/data.md): ``data.split`` does not divide a stream;
 held-out rows come from ``data.validation_path`` / ``data.test_path``, and stream rows
 equal to one of them are skipped. Duplicates within the stream are not removed (that
-needs every row's key in memory); rows that cannot be used are counted by reason.
+needs every row's key in memory). Rows that cannot be used are counted by reason, and those of
+the first pass written to the run dir's ``rejected_stream.jsonl`` (cut back on resume to what the
+checkpoint had written, so each is reported once).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections.abc import Iterator
 from functools import partial
@@ -31,37 +34,46 @@ from engine.data.rules import (
     DUPLICATE_ACROSS,
     NO_ANSWER,
     Rejects,
+    across_detail,
     batching_of,
     dedupe_across,
     dedupe_key,
     example_data,
     no_answer_detail,
+    row_data,
     shape_row,
     shape_rows,
     write_rejected,
 )
 from engine.data.shapes import SHAPES, Pair, RowError
-from engine.data.sources import DataError, Line, iter_rows, parse_line, read_rows
+from engine.data.sources import DataError, Line, iter_rows, jsonl_row, parse_line, read_rows
 from engine.data.spec import DataSpec
 from engine.data.templates import template_source, templated
 from engine.data.tokens import tokenize, tokenize_pair
+from engine.files import shown_path, write_text_atomic
+
+STREAM_REJECTED = "rejected_stream.jsonl"
+"""The rows of the streamed train file skipped in its first pass, in the order the stream met them
+(rejected.jsonl holds the held-out files' rejects, written before training as for map-style data)."""
 
 
 class TrainStream:
     """The train split of a streamed data set: not a sequence (its length is unknown), a source of micro-batches."""
 
-    def __init__(self, spec: DataSpec, tokenizer, *, source: str, held_out: set[bytes]):
+    def __init__(self, spec: DataSpec, tokenizer, *, source: str, held_out: set[bytes], report: Path | None = None):
         self.spec, self.tokenizer, self.source = spec, tokenizer, source
         self.held_out = held_out
         """Digests of the validation/test examples: a stream row equal to one is skipped."""
         self.path = spec.path
+        self.report = report
+        """Where the rows skipped in the first pass are written (the main process's run dir), or None."""
 
     def __getitem__(self, i):
         """``stream[:n]``: the first n examples in file order (what preview_data prints)."""
         if not isinstance(i, slice) or i.start or i.step:
             raise TypeError("a streamed split is read from its start: stream[:n]")
         out = []
-        for _, _, _, row in _positioned(self.path, 0, 0):
+        for _, _, row in _positioned(self.path, START):
             if len(out) >= (i.stop or 0):
                 break
             ex = self._example(row, {})
@@ -97,25 +109,29 @@ class TrainStream:
         out.max_length = max_length or self.spec.max_length
         return out.start(seed, state)
 
-    def _example(self, row, rejected: dict[str, int]) -> Example | None:
-        """Shape, render and tokenize one row; None (counted in ``rejected``) when it cannot be used."""
+    def _example(self, row, rejected: dict[str, int], skip=None) -> Example | None:
+        """Shape, render and tokenize one row; None (counted in ``rejected``, and told to ``skip(reason,
+        detail, data)`` when given) when it cannot be used: the same reasons as map-style data."""
         spec = self.spec
         try:
             msgs = shape_row(spec, SHAPES.get(spec.kind).builder, row)
         except RowError as e:
-            rejected[e.reason] = rejected.get(e.reason, 0) + 1
-            return None
+            return _skipped(rejected, skip, e.reason, e.detail, row_data(row))
         if self.held_out and hashlib.sha256(dedupe_key(msgs).encode()).digest()[:16] in self.held_out:
-            rejected[DUPLICATE_ACROSS] = rejected.get(DUPLICATE_ACROSS, 0) + 1
-            return None
+            return _skipped(rejected, skip, DUPLICATE_ACROSS, across_detail("train"), example_data(msgs))
         if isinstance(msgs, Pair):
             ex, _ = tokenize_pair(self.source, msgs, self.tokenizer, spec.max_length)
         else:
             ex, _ = tokenize(self.source, msgs, self.tokenizer, spec.max_length, spec.train_on_prompt)
         if not any(t != -100 for t in ex.labels) or (ex.rejected and not any(t != -100 for t in ex.rejected.labels)):
-            rejected[NO_ANSWER] = rejected.get(NO_ANSWER, 0) + 1
-            return None
+            return _skipped(rejected, skip, NO_ANSWER, no_answer_detail(spec.max_length), example_data(msgs))
         return ex
+
+
+def _skipped(rejected: dict[str, int], skip, reason: str, detail: str, data) -> None:
+    rejected[reason] = rejected.get(reason, 0) + 1
+    if skip is not None:
+        skip(reason, detail, data)
 
 
 class StreamBatches:
@@ -132,22 +148,24 @@ class StreamBatches:
 
     def start(self, seed: int, state: dict | None) -> StreamBatches:
         self.rng = random.Random(seed)
-        self.epoch, self.batch_index, self.carry, self.rejected = 0, 0, None, {}
-        self.buffer: list[tuple[int, int, object]] = []  # (row number, position, row)
-        next_row, next_pos = 0, 0
+        self.epoch, self.batch_index, self.carry, self.rejected, self.reported = 0, 0, None, {}, 0
+        self.buffer: list[tuple[Pos, object]] = []  # (position, row)
+        self.next = START
         if state is not None:
             self.epoch, self.batch_index, self.rejected = state["epoch"], state["batch"], dict(state["rejected"])
+            self.reported = state.get("reported", 0)
             version, internal, gauss = state["rng"]
             self.rng.setstate((version, tuple(internal), gauss))
-            next_row, next_pos = state["next"]
-            wanted = [tuple(x) for x in state["buffer"]] + ([tuple(state["carry"])] if state["carry"] else [])
+            self.next = _pos(state["next"])
+            wanted = [_pos(x) for x in state["buffer"]] + ([_pos(state["carry"])] if state["carry"] else [])
             rows = _fetch(self.s.path, wanted)
-            self.buffer = [(i, p, rows[(i, p)]) for i, p in map(tuple, state["buffer"])]
+            self.buffer = [(at, rows[at[:2]]) for at in map(_pos, state["buffer"])]
             if state["carry"]:
-                i, p = state["carry"]
-                self.carry = (i, p, self.s._example(rows[(i, p)], {}))
-        self.reader = _positioned(self.s.path, next_row, next_pos)
-        self.next = (next_row, next_pos)
+                at = _pos(state["carry"])
+                self.carry = (at, self.s._example(rows[at[:2]], {}))
+        if self.s.report is not None:
+            _keep_lines(self.s.report, self.reported)
+        self.reader = _positioned(self.s.path, self.next)
         return self
 
     def state(self) -> dict:
@@ -157,22 +175,23 @@ class StreamBatches:
             "epoch": self.epoch,
             "batch": self.batch_index,
             "next": list(self.next),
-            "buffer": [[i, p] for i, p, _ in self.buffer],
-            "carry": [self.carry[0], self.carry[1]] if self.carry else None,
+            "buffer": [list(at) for at, _ in self.buffer],
+            "carry": list(self.carry[0]) if self.carry else None,
             "rng": [version, list(internal), gauss],
             "rejected": dict(self.rejected),
+            "reported": self.reported,
         }
 
     # -- drawing
 
     def _read(self):
-        """The next (row number, position, row) of the file, or None at its end."""
+        """The next (position, row) of the file, or None at its end."""
         try:
-            i, p, after, row = next(self.reader)
+            at, after, row = next(self.reader)
         except StopIteration:
             return None
-        self.next = (i + 1, after)
-        return i, p, row
+        self.next = after
+        return at, row
 
     def _draw(self):
         """One row drawn at random from the buffer (refilled from the file); a new epoch at the end."""
@@ -183,20 +202,21 @@ class StreamBatches:
             self.buffer.append(got)
         if not self.buffer:
             self.epoch += 1
-            self.reader = _positioned(self.s.path, 0, 0)
-            self.next = (0, 0)
-            if not any(True for _ in _positioned(self.s.path, 0, 0)):
+            self.reader = _positioned(self.s.path, START)
+            self.next = START
+            if not any(True for _ in _positioned(self.s.path, START)):
                 raise DataError(f"data.path: {self.s.path} has no rows")
             return self._draw()
         j = self.rng.randrange(len(self.buffer))
         self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
         return self.buffer.pop()
 
-    def _examples(self) -> Iterator[tuple[int, int, Example]]:
+    def _examples(self) -> Iterator[tuple[Pos, Example]]:
         misses = 0
         while True:
-            i, p, row = self._draw()
-            ex = self.s._example(row, self.rejected)
+            at, row = self._draw()
+            first_pass = self.epoch == 0 and self.s.report is not None
+            ex = self.s._example(row, self.rejected, partial(self._skip, at) if first_pass else None)
             if ex is None:
                 misses += 1
                 if misses > 10 * self.buffer_size + 10_000:
@@ -206,14 +226,22 @@ class StreamBatches:
                     )
                 continue
             misses = 0
-            yield i, p, ex
+            yield at, ex
+
+    def _skip(self, at: Pos, reason: str, detail: str, data) -> None:
+        """A row skipped in the first pass, appended to the report (a resumed stream first cuts the
+        report back to the rows its checkpoint had reported, then meets the rest again)."""
+        entry = {"file": shown_path(self.s.path, self.s.report.parent), "row": at[0], "reason": reason, "detail": detail}
+        with open(self.s.report, "a") as f:
+            f.write(json.dumps({**entry, "data": data}, default=str, ensure_ascii=False) + "\n")
+        self.reported += 1
 
     def _micro_batch(self) -> list:
         """The next micro-batch's examples: ``mbs`` examples, or with packing ``mbs`` rows of packed examples."""
         if not self.packing:
             out = []
             while len(out) < self.mbs:
-                out.append(next(self._gen)[2])
+                out.append(next(self._gen)[1])
             return out
         rows, row, used = [], [], 0
         while True:
@@ -221,14 +249,14 @@ class StreamBatches:
                 item, self.carry = self.carry, None
             else:
                 item = next(self._gen)
-            n = len(item[2].input_ids)
+            n = len(item[1].input_ids)
             if row and used + n > self.max_length:
                 rows.append(row)
                 row, used = [], 0
                 if len(rows) == self.mbs:
                     self.carry = item
                     return rows
-            row.append(item[2])
+            row.append(item[1])
             used += n
 
     def __iter__(self):
@@ -247,48 +275,69 @@ class StreamBatches:
 # ---------------------------------------------------------------- positions in a file
 
 
-def _positioned(path: str, row: int, pos: int) -> Iterator[tuple[int, int, int, object]]:
-    """(row number, position, next position, row) from row ``row`` (at ``pos``) on.
+Pos = tuple[int, int, int]
+"""Where a row is: (row number, position, line number). The position is a JSONL file's byte offset
+(a resumed stream seeks), else the row number; the line number names a JSONL row in reject details."""
+START: Pos = (0, 0, 1)
 
-    JSONL: a position is a byte offset, so a resumed stream seeks; other files: the row number
-    (a resumed stream reads up to it again, without shaping or tokenizing).
+
+def _pos(saved: list) -> Pos:
+    """A position from a checkpoint's state.json (one written before line numbers: line 0, unknown)."""
+    return (saved[0], saved[1], saved[2] if len(saved) > 2 else 0)
+
+
+def _positioned(path: str, start: Pos) -> Iterator[tuple[Pos, Pos, object]]:
+    """(position, the next row's position, row) from ``start`` on.
+
+    JSONL: read from the byte offset, rows being the lines that are not blank, as map-style data
+    reads them (``sources.jsonl_row``); other files: read up to the row number again, without
+    shaping or tokenizing.
     """
     p = Path(path).expanduser()
     if p.suffix.lower() == ".jsonl":
         with open(p, "rb") as f:
-            f.seek(pos)
-            i, at = row, pos
+            f.seek(start[1])
+            i, at, n = start
             for raw in f:
-                start, at = at, at + len(raw)
-                if start == 0:
-                    raw = raw.removeprefix(b"\xef\xbb\xbf")
-                if raw.strip():
-                    yield i, start, at, parse_line(Line(raw, 0))
+                pos, at = at, at + len(raw)
+                line = jsonl_row(raw, n if pos else 1)  # line 1 loses its BOM
+                n += 1
+                if line is not None:
+                    yield (i, pos, line.number), (i + 1, at, n), parse_line(line)
                     i += 1
         return
     for i, r in enumerate(iter_rows(path)):
-        if i >= row:
-            yield i, i, i + 1, parse_line(r) if isinstance(r, Line) else r
+        if i >= start[0]:
+            yield (i, i, 0), (i + 1, i + 1, 0), parse_line(r) if isinstance(r, Line) else r
 
 
-def _fetch(path: str, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], object]:
-    """The rows at these (row, position)s: JSONL by seeking to each offset; other files by one pass."""
+def _fetch(path: str, wanted: list[Pos]) -> dict[tuple[int, int], object]:
+    """The rows at these positions, by (row number, position): JSONL by seeking to each offset; other files by one pass."""
     out = {}
     p = Path(path).expanduser()
     if p.suffix.lower() == ".jsonl":
         with open(p, "rb") as f:
-            for i, pos in wanted:
+            for i, pos, line in wanted:
                 f.seek(pos)
                 raw = f.readline()
-                out[(i, pos)] = parse_line(Line(raw.removeprefix(b"\xef\xbb\xbf") if pos == 0 else raw, 0))
+                out[(i, pos)] = parse_line(Line(raw.removeprefix(b"\xef\xbb\xbf") if pos == 0 else raw, line))
         return out
-    need = set(wanted)
-    for i, pos, _, row in _positioned(path, 0, 0):
-        if (i, pos) in need:
-            out[(i, pos)] = row
+    need = {at[:2] for at in wanted}
+    for at, _, row in _positioned(path, START):
+        if at[:2] in need:
+            out[at[:2]] = row
             if len(out) == len(need):
                 break
     return out
+
+
+def _keep_lines(path: Path, n: int) -> None:
+    """``path`` cut back to its first ``n`` lines (created empty when ``n`` is 0)."""
+    kept = []
+    if n and path.is_file():
+        with open(path) as f:
+            kept = [line for _, line in zip(range(n), f, strict=False)]
+    write_text_atomic(path, "".join(kept))
 
 
 def prepare_streaming(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | None = None):
@@ -320,7 +369,8 @@ def prepare_streaming(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | N
                 rejects.add(path, i, NO_ANSWER, no_answer_detail(spec.max_length), example_data(msgs))
     if run_dir is not None and rejects.rows:
         write_rejected(rejects.rows, run_dir)
-    out["train"] = TrainStream(spec, tokenizer, source=source, held_out=held_out)
+    report = run_dir / STREAM_REJECTED if run_dir is not None else None
+    out["train"] = TrainStream(spec, tokenizer, source=source, held_out=held_out, report=report)
     metrics = {
         "kind": spec.kind,
         "kind_detected": spec.detected,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from engine.data.collate import Batches
-from engine.data.stream import StreamBatches, TrainStream
+from engine.data.stream import STREAM_REJECTED, StreamBatches, TrainStream
 from engine.files import shown_path
 from engine.loss import LOSSES
 from engine.runs import TRAIN_LOG, read_log
@@ -228,4 +228,14 @@ def finish(run: TrainRun) -> dict:
         "device": str(acc.device),
         "processes": acc.num_processes,
         "adapter_dir": shown_path(adapter_dir, job.run_dir) if adapter_dir else None,
+        **(_stream_skips(run.stream, job.is_main) if isinstance(run.stream, StreamBatches) else {}),
     }
+
+
+def _stream_skips(stream: StreamBatches, main: bool) -> dict:
+    """Streamed data: the rows skipped so far by reason (every pass), said once on the console."""
+    skipped = dict(stream.rejected)
+    if main and skipped:
+        n = sum(skipped.values())
+        print(f"[engine] data: the stream skipped {n} rows {skipped}; its first pass's are in {STREAM_REJECTED}", flush=True)
+    return {"stream_rows_skipped": skipped}
