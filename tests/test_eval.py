@@ -153,7 +153,7 @@ def test_generate_is_batched_and_keeps_order(tiny):
     assert batched == single  # left padding + masks: batching does not change greedy answers
 
 
-def test_local_lm_eval_task_runs_on_tiny(tiny, tmp_path):
+def test_local_lm_eval_task_runs_on_tiny(tiny, tmp_path, monkeypatch, capfd):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval==0.4.13)")
     from types import SimpleNamespace
 
@@ -161,7 +161,9 @@ def test_local_lm_eval_task_runs_on_tiny(tiny, tmp_path):
 
     model, tok = tiny
     spec = SimpleNamespace(tasks=["envsci_mc"], limit=4, num_fewshot=None, include_path=None)
+    monkeypatch.chdir(tmp_path)  # not a git repository: git's "fatal: ..." must not reach the console
     res = harness.run(model, tok, spec, work_dir=tmp_path / "tasks", batch_size=4)
+    assert "not a git repository" not in capfd.readouterr().err
     assert set(res) == {"envsci_mc"}
     assert 0.0 <= res["envsci_mc"]["acc"] <= 1.0 and 0.0 <= res["envsci_mc"]["acc_norm"] <= 1.0
     assert res["envsci_mc"]["examples"] == 4

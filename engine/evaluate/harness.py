@@ -94,6 +94,7 @@ def _evaluate(model, tokenizer, spec, include: list[str], batch_size: int) -> di
             f"eval.lm_eval.tasks: unknown task(s) {missing}; shipped: {', '.join(shipped_tasks())} "
             "(or any lm-eval task name; datasets must be in the local HF cache when offline)"
         )
+    _skip_git_probe()
     old_side = tokenizer.padding_side
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
@@ -121,3 +122,17 @@ def _evaluate(model, tokenizer, spec, include: list[str], batch_size: int) -> di
             clean[name] = None if isinstance(value, float) and math.isnan(value) else round(float(value), 4)
         results[task] = clean
     return results
+
+
+def _skip_git_probe() -> None:
+    """lm-eval runs ``git describe`` for the caller's commit, kept in results engine does not read;
+    outside a git repository git prints "fatal: not a git repository" on the user's console. The
+    probe is skipped; an lm-eval without it (renamed, removed) has nothing to skip."""
+    import lm_eval.evaluator as evaluator
+
+    if callable(getattr(evaluator, "get_git_commit_hash", None)):
+        evaluator.get_git_commit_hash = _no_commit
+
+
+def _no_commit() -> None:
+    return None
