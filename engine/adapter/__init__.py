@@ -12,6 +12,7 @@ Kinds:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -112,7 +113,10 @@ def attach(model, spec: LoraSpec, method: str = "lora", **kw):
                 "(or all-linear: every linear layer but the output head)"
             )
         print(f"[engine] adapter.target_modules: {shown} matches no module in this model (its linear layers: {names})")
-    return get_peft_model(model, lora_config(spec, method), **kw)
+    with warnings.catch_warnings():
+        # PEFT asks the model the name transformers deprecated: a warning for PEFT, not for the user.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora_config(spec, method), **kw)
 
 
 def unmatched_targets(model, targets: list[str] | str) -> list[str]:

