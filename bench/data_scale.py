@@ -53,7 +53,7 @@ WORDS = (
     "temperature season migration coastal erosion restoration biodiversity ecosystem nutrient cycle "
     "the a of and to in is that for with as on by from at which be this are its can more"
 ).split()
-PREPARED = re.compile(r"prepared (\d+) rows in ([\d.]+) s \((\d+) rows/s, (\d+) processes\)")
+PREPARED = re.compile(r"prepared (\d+) rows in ([\d.]+) s \((\d+) rows/s, (\d+) process(?:es)?\)")
 LOOP_START = re.compile(rb"train:[^\r\n]*\b0/\d")
 """The training loop's first progress line: the first step starts (its data, model and optimizer are ready)."""
 FIRST_STEP = re.compile(rb"train:[^\r\n]*\b1/\d")

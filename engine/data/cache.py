@@ -203,9 +203,9 @@ def _prepare_entry(spec: DataSpec, tokenizer, *, seed: int, source: str, entry: 
                 raise
         rows = built.counts["rows_read"]
         rate = round(rows / built.seconds) if built.seconds else rows
+        procs = f"{built.processes} process" + ("es" if built.processes != 1 else "")
         print(
-            f"[engine] data: prepared {rows} rows in {built.seconds} s ({rate} rows/s, {built.processes} processes) "
-            f"-> cache {entry.name}",
+            f"[engine] data: prepared {rows} rows in {built.seconds} s ({rate} rows/s, {procs}) -> cache {entry.name}",
             flush=True,
         )
     finally:
