@@ -224,6 +224,17 @@ def test_a_damaged_entry_is_prepared_again_not_read(damage, tok, tmp_path, cache
     assert [d.name for d in cache_dir.iterdir()] == [first.metrics["cache_key"]]
 
 
+def test_an_entry_unreadable_right_after_it_was_written_is_an_error_that_says_what_to_check(tok, monkeypatch):
+    """A full disk or a lost permission between writing an entry and reading it back: a DataError (exit 2)
+    naming the cache and the way around it, not a traceback."""
+    import engine.data.cache as cache
+    from engine.data.sources import DataError
+
+    monkeypatch.setattr(cache, "_open", lambda entry: None)
+    with pytest.raises(DataError, match=r"could not be read back right after it was prepared.*data\.cache=false"):
+        prepare(DataSpec(kind="instruction", path=QA), tok, seed=0)
+
+
 def test_batching_reads_stored_lengths_not_examples(tok, tmp_path):
     from engine.data.collate import Batches
 

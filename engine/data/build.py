@@ -36,6 +36,7 @@ from engine.data.rules import (
     SPLITS,
     across_detail,
     dedupe_key,
+    json_text,
     messages_json,
     no_answer_detail,
     ratios,
@@ -124,9 +125,10 @@ def build(spec: DataSpec, tokenizer, *, seed: int, source: str, out: Path, num_p
             before = 0  # rows of the file in the tasks already written (a block's rows are numbered from it)
             seen: set[bytes] = set()
             for task, (batch, failed, n) in _run(_tasks(src, spec.limit, counter), num_proc, used):
-                if isinstance(task[1], _Block):
-                    batch, failed = _rebased(batch, failed, before)
-                writer.write_batch(_first_of_each(task, batch, failed, seen, rejects, before))
+                base = before if isinstance(task[1], _Block) else 0  # a block numbers its rows from 0
+                if base:
+                    batch, failed = _rebased(batch, failed, base)
+                writer.write_batch(_first_of_each(task, batch, failed, seen, rejects, base))
                 before += n
             read = counter[0] or before
             if not read:
@@ -237,8 +239,8 @@ def _run(tasks: Iterator, num_proc: int, used: list[int]) -> Iterator[tuple[tupl
 def _first_of_each(task, batch: pa.RecordBatch, failed: list, seen: set[bytes], rejects: list[dict], base: int) -> pa.RecordBatch:
     """Drop rows repeating an earlier row of the same file; record every reject of the batch in row order.
 
-    ``base``: the number of the task's first row when it is a block (its rows are read again only if
-    one repeats an earlier row: the reject shows the row as read).
+    ``base``: what the task's own row numbers are counted from (a block's first row; 0 for rows the
+    reader numbered). Its rows are read again only if one repeats an earlier row: the reject shows it as read.
     """
     src, part = task
     raw: dict = {}
@@ -246,7 +248,7 @@ def _first_of_each(task, batch: pa.RecordBatch, failed: list, seen: set[bytes], 
     found = [(i, reason, detail, data) for i, reason, detail, data in failed]
     for k, (i, key) in enumerate(zip(batch.column("row").to_pylist(), batch.column("key").to_pylist(), strict=True)):
         if key in seen:
-            raw = raw or {j + (base if isinstance(part, _Block) else 0): row for j, row in _items(part)}
+            raw = raw or {j + base: row for j, row in _items(part)}
             row = raw[i]
             found.append((i, *DUPLICATE, row_data(parse_line(row) if isinstance(row, Line) else row)))
             continue
@@ -322,8 +324,8 @@ def _pair_values(src: int, i: int, pair: Pair, seed: int, chosen: tuple, rejecte
     (ids, labels, cut), (r_ids, r_labels, r_cut) = chosen, rejected
     digest, order = _digests(seed, dedupe_key(pair))
     return (
-        *(src, i, digest, order, _json(pair.chosen_messages), _json(pair.as_dict()), ids, labels),
-        *(_json(pair.rejected_messages), r_ids, r_labels, len(ids), len(r_ids), _labelled(labels), _labelled(r_labels)),
+        *(src, i, digest, order, json_text(pair.chosen_messages), json_text(pair.as_dict()), ids, labels),
+        *(json_text(pair.rejected_messages), r_ids, r_labels, len(ids), len(r_ids), _labelled(labels), _labelled(r_labels)),
         int(cut or r_cut),
     )
 
@@ -331,14 +333,6 @@ def _pair_values(src: int, i: int, pair: Pair, seed: int, chosen: tuple, rejecte
 def _digests(seed: int, key: str) -> tuple[bytes, bytes]:
     """The dedupe digest and the split position of an example's content key."""
     return hashlib.sha256(key.encode()).digest()[:16], bytes.fromhex(split_order(seed, key))
-
-
-_JSON = json.JSONEncoder(ensure_ascii=False)
-
-
-def _json(value) -> str:
-    """``json.dumps(value, ensure_ascii=False)`` without building an encoder per call."""
-    return _JSON.encode(value)
 
 
 def _labelled(labels: list[int]) -> int:

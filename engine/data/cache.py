@@ -33,9 +33,10 @@ from pathlib import Path
 from engine.data.build import ROWS_FILE, build, sources
 from engine.data.example import DataBundle
 from engine.data.rules import SPLITS, Rejects, batching_of, data_metrics, no_usable, write_rejected
+from engine.data.sources import DataError
 from engine.data.spec import DataSpec, DocumentsSpec
 from engine.data.templates import template_source, templated
-from engine.files import cache_root, write_text_atomic
+from engine.files import cache_root, shown_path, write_text_atomic
 from engine.runs import alive
 
 META = "meta.json"
@@ -115,8 +116,11 @@ def prepare_cached(spec: DataSpec, tokenizer, *, seed: int, run_dir: Path | None
     if not hit:
         _prepare_entry(spec, tokenizer, seed=split_seed, source=source, entry=entry, run_dir=run_dir)
         opened = _open(entry)
-        if opened is None:
-            raise RuntimeError(f"the data cache entry {key} was removed while it was being opened")
+        if opened is None:  # unreadable the moment it was written (said above), or removed by another process
+            raise DataError(
+                f"data: the cache entry {key} could not be read back right after it was prepared; check the free "
+                f"space and permissions of {shown_path(data_cache_dir())} ($ENGINE_CACHE), or run with data.cache=false"
+            )
     meta, splits = opened
     names = {s.index: s.path for s in sources(spec)}
     if run_dir is not None:

